@@ -1,0 +1,47 @@
+"""Channel permutations as pure tensor functions.
+
+Convention used everywhere in the package: a permutation `perm` of the C input channels of a linear
+layer means the layer reads `x[..., perm]` and stores its weight as `W[:, perm]`, so that
+`x @ W.T == x[..., perm] @ W[:, perm].T`. N:M groups are taken in this permuted order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def identity_permutation(size: int, device=None) -> torch.Tensor:
+    """The permutation that changes nothing."""
+    return torch.arange(size, dtype=torch.long, device=device)
+
+
+def check_permutation(perm: torch.Tensor, size: int | None = None) -> None:
+    """Raise ValueError unless `perm` is a 1-D bijection of range(size)."""
+    if perm.dim() != 1 or perm.dtype.is_floating_point or perm.dtype == torch.bool:
+        raise ValueError(f"A permutation must be a 1-D integer tensor, got {perm.dtype} of shape {tuple(perm.shape)}.")
+    size = perm.numel() if size is None else size
+    if perm.numel() != size:
+        raise ValueError(f"Permutation has {perm.numel()} entries but the layer has {size} input channels.")
+    seen = torch.zeros(size, dtype=torch.bool, device=perm.device)
+    if perm.numel() and (int(perm.min()) < 0 or int(perm.max()) >= size):
+        raise ValueError(f"Permutation entries must lie in [0, {size}).")
+    seen[perm.long()] = True
+    if not bool(seen.all()):
+        raise ValueError("Permutation repeats some channels and misses others: it is not a bijection.")
+
+
+def invert_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """The permutation `inv` with `perm[inv] == arange` (undoes a permutation)."""
+    inv = torch.empty_like(perm, dtype=torch.long)
+    inv[perm.long()] = torch.arange(perm.numel(), device=perm.device)
+    return inv
+
+
+def is_identity(perm: torch.Tensor) -> bool:
+    """True when `perm` is range(len(perm))."""
+    return bool(torch.equal(perm.long(), torch.arange(perm.numel(), device=perm.device)))
+
+
+def compose(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+    """The permutation equivalent to indexing with `first` and then with `then`: x[first][then]."""
+    return first.long()[then.long()]
