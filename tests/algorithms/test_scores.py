@@ -1,0 +1,52 @@
+"""Pruning metrics against hand-computed values (SPEC.md section 2)."""
+
+import pytest
+import torch
+
+from optimum_permllm.algorithms import magnitude_scores, ria_scores, score_fn, wanda_scores
+
+WEIGHT = torch.tensor([[1.0, -2.0], [-3.0, 4.0]])
+NORMS = torch.tensor([4.0, 9.0])
+
+
+def test_magnitude():
+    scores = magnitude_scores(WEIGHT.to(torch.bfloat16))
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+
+
+def test_wanda():
+    torch.testing.assert_close(wanda_scores(WEIGHT, NORMS), torch.tensor([[4.0, 18.0], [12.0, 36.0]]))
+
+
+def test_ria_hand_computed():
+    # column sums |W|: [4, 6]; row sums: [3, 7]; sqrt(norms): [2, 3]
+    expected = torch.tensor(
+        [
+            [(1 / 4 + 1 / 3) * 2, (2 / 6 + 2 / 3) * 3],
+            [(3 / 4 + 3 / 7) * 2, (4 / 6 + 4 / 7) * 3],
+        ]
+    )
+    torch.testing.assert_close(ria_scores(WEIGHT, NORMS), expected)
+    torch.testing.assert_close(ria_scores(WEIGHT, NORMS, alpha=1.0), expected / torch.tensor([2.0, 3.0]) * NORMS)
+
+
+def test_ria_zero_row_and_column_give_zero_not_nan():
+    weight = torch.tensor([[0.0, 0.0], [0.0, 5.0]])
+    scores = ria_scores(weight, torch.ones(2))
+    torch.testing.assert_close(scores, torch.tensor([[0.0, 0.0], [0.0, 2.0]]))
+
+
+def test_score_fn_dispatch():
+    assert score_fn("wanda") is wanda_scores
+    assert score_fn("RIA") is ria_scores
+    torch.testing.assert_close(score_fn("magnitude")(WEIGHT, NORMS), WEIGHT.abs())
+    with pytest.raises(ValueError, match="magnitude, ria, wanda"):
+        score_fn("sparsegpt")
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="3 input features"):
+        wanda_scores(torch.ones(2, 3), torch.ones(2))
+    with pytest.raises(ValueError, match="feature norms"):
+        ria_scores(WEIGHT, None)
