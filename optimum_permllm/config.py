@@ -1,0 +1,153 @@
+"""PermLLMConfig: the one object a user fills in, a transformers quantization config (quant_method="permllm")."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .sparse.nm import NMPattern
+
+#: Version of the checkpoint layout this package writes. Readers refuse newer versions.
+FORMAT_VERSION = 1
+
+METRICS = ("magnitude", "wanda", "ria", "sparsegpt")
+PERMUTATIONS = ("none", "heuristic", "learned")
+LEARNERS = ("sinkhorn", "ot")
+SCOPES = ("layer", "block", "model")
+
+# Keys that are written by the library, not chosen by the user.
+_RECORDED_KEYS = ("quant_method", "format_version", "converted_modules")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"PermLLMConfig: {name}={value!r} is not supported; choose one of {list(choices)}.")
+
+
+def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"PermLLMConfig: {name} must be a positive integer, got {value!r}.")
+
+
+class PermLLMConfig(QuantizationConfigMixin):
+    """How to make a model N:M sparse, optionally with channel permutations.
+
+    Args:
+        sparsity: the N:M pattern, "2:4" (what GPU sparse tensor cores run), "4:8", "1:4", ...
+        metric: which weights to keep: "magnitude" (no data), "wanda", "ria", or "sparsegpt" (also
+            updates the kept weights).
+        permutation: "none", "heuristic" (RIA-style channel permutation) or "learned" (PermLLM).
+        learner: for permutation="learned": "sinkhorn" (PermLLM) or "ot" (optimal-transport variant).
+        scope: for permutation="learned": the objective, "layer" (output error of each linear group, from
+            the input Gram matrix), "block" (each decoder layer's output) or "model" (last hidden states).
+        block_size: channels per learnable permutation block (must divide the layer width).
+        steps, lr: optimisation budget of the learned permutation (None: the method's default).
+        dataset: calibration text: None (offline Wikipedia default), a Hub dataset name, a local text
+            file, or a list of strings.
+        tokenizer: a tokenizer or its name/path (defaults to the model's own path when pruning on load).
+        num_samples, seq_len, seed: how many calibration sequences of how many tokens, and the sampling seed.
+        modules_to_not_convert: module names (or name suffixes) left dense. lm_head and embeddings are
+            never pruned.
+        fold_permutations: fold input permutations into the layer that produces the input where exact.
+    """
+
+    def __init__(
+        self,
+        sparsity: str = "2:4",
+        metric: str = "wanda",
+        permutation: str = "heuristic",
+        learner: str = "sinkhorn",
+        scope: str = "layer",
+        block_size: int = 64,
+        steps: int | None = None,
+        lr: float | None = None,
+        dataset: Any = None,
+        tokenizer: Any = None,
+        num_samples: int = 128,
+        seq_len: int = 2048,
+        seed: int = 0,
+        modules_to_not_convert: list[str] | None = None,
+        fold_permutations: bool = True,
+        format_version: int = FORMAT_VERSION,
+        converted_modules: list[str] | None = None,
+        quant_method: str = "permllm",
+        **kwargs,
+    ):
+        if kwargs:
+            raise TypeError(
+                f"PermLLMConfig got unknown arguments {sorted(kwargs)}; see help(PermLLMConfig) for the valid ones."
+            )
+        self.quant_method = "permllm"
+        if quant_method != "permllm":
+            raise ValueError(f"PermLLMConfig is for quant_method='permllm', got {quant_method!r}.")
+        self.sparsity = sparsity
+        self.metric = metric
+        self.permutation = permutation
+        self.learner = learner
+        self.scope = scope
+        self.block_size = block_size
+        self.steps = steps
+        self.lr = lr
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.num_samples = num_samples
+        self.seq_len = seq_len
+        self.seed = seed
+        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
+        self.fold_permutations = fold_permutations
+        self.format_version = format_version
+        self.converted_modules = list(converted_modules) if converted_modules is not None else None
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every field with an error that names the field and the allowed values."""
+        pattern = NMPattern.parse(self.sparsity)
+        self.sparsity = str(pattern)
+        _check_choice("metric", self.metric, METRICS)
+        _check_choice("permutation", self.permutation, PERMUTATIONS)
+        _check_choice("learner", self.learner, LEARNERS)
+        _check_choice("scope", self.scope, SCOPES)
+        _check_positive_int("block_size", self.block_size)
+        _check_positive_int("steps", self.steps, allow_none=True)
+        _check_positive_int("num_samples", self.num_samples)
+        _check_positive_int("seq_len", self.seq_len)
+        if not isinstance(self.seed, int):
+            raise ValueError(f"PermLLMConfig: seed must be an integer, got {self.seed!r}.")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"PermLLMConfig: lr must be a positive number, got {self.lr!r}.")
+        if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint was written with permllm format version {self.format_version}, newer than the "
+                f"version {FORMAT_VERSION} this optimum-permllm reads. Upgrade: pip install -U optimum-permllm."
+            )
+
+    @property
+    def pattern(self) -> NMPattern:
+        """The parsed N:M pattern."""
+        return NMPattern.parse(self.sparsity)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when pruning needs activations from calibration text."""
+        return self.metric != "magnitude" or self.permutation != "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict: objects (a tokenizer, a dataset) are recorded by name or dropped."""
+        output = copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in ("tokenizer", "dataset")})
+        output["tokenizer"] = _name_or_none(self.tokenizer)
+        output["dataset"] = self.dataset if isinstance(self.dataset, (str, type(None))) else "<in-memory>"
+        return output
+
+    def to_dict_sparsifier(self) -> dict[str, Any]:
+        """The fields that choose the algorithm, without what the library records."""
+        return {k: v for k, v in self.__dict__.items() if k not in _RECORDED_KEYS}
+
+
+def _name_or_none(tokenizer: Any) -> str | None:
+    if tokenizer is None or isinstance(tokenizer, str):
+        return tokenizer
+    return getattr(tokenizer, "name_or_path", None) or None

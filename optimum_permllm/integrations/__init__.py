@@ -1,0 +1,1 @@
+"""Integrations with transformers, PEFT and optimum-cli."""

@@ -1,0 +1,1 @@
+"""Model-level machinery: structure discovery, the layer-by-layer engine, folding."""

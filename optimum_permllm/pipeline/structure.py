@@ -1,0 +1,66 @@
+"""Find, from a model's module tree alone, the decoder layers and the linear layers to prune.
+
+One code path serves every decoder family: the decoder stack is the longest nn.ModuleList of
+identical blocks that contain nn.Linear layers (model.layers, model.decoder.layers, gpt_neox.layers,
+transformer.h, ...).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class StructureError(ValueError):
+    """The model's layout is not one the sparsifier can work on."""
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return (qualified name, ModuleList) of the decoder stack."""
+    best = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        kinds = {type(block) for block in module}
+        has_linear = any(isinstance(sub, nn.Linear) for sub in module[0].modules())
+        if len(kinds) == 1 and has_linear and (best is None or len(module) > len(best[1])):
+            best = (name, module)
+    if best is None:
+        raise StructureError(
+            f"Could not find the decoder layers of {type(model).__name__}: no nn.ModuleList of identical blocks "
+            "containing nn.Linear layers. optimum-permllm prunes decoder-only models built from nn.Linear "
+            "(LLaMA, Qwen2, Gemma, Mistral, OPT, GPT-NeoX, ...)."
+        )
+    return best
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    """True when `name` equals a pattern or ends with '.pattern' (so 'o_proj' skips every o_proj)."""
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def prunable_linears(model: nn.Module, skip: list[str] | None = None, layers_prefix: str | None = None) -> dict[str, nn.Linear]:
+    """All nn.Linear modules inside the decoder stack, by qualified name, minus the skipped ones."""
+    prefix = find_decoder_layers(model)[0] if layers_prefix is None else layers_prefix
+    skip = list(skip or [])
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith(prefix + ".") and not _matches(name, skip)
+    }
+
+
+def layer_linears(layer: nn.Module, skip: list[str] | None = None, layer_name: str = "") -> dict[str, nn.Linear]:
+    """The nn.Linear modules of one decoder layer, by name relative to the layer."""
+    skip = list(skip or [])
+    return {
+        name: module
+        for name, module in layer.named_modules()
+        if isinstance(module, nn.Linear) and not _matches(f"{layer_name}.{name}" if layer_name else name, skip)
+    }
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted `name` with `module`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)

@@ -1,0 +1,133 @@
+"""PermLLMSparsifier: the quantizer-style object that converts, prunes, restores and dequantizes models."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import PermLLMConfig
+from .nn.permuted_sparse_linear import PermutedSparseLinear
+from .pipeline.structure import prunable_linears, set_submodule
+
+logger = logging.getLogger(__name__)
+
+
+class PermLLMSparsifier:
+    """Makes a model N:M sparse as its `PermLLMConfig` says (in the manner of optimum's GPTQQuantizer).
+
+    - `sparsify_model(model, tokenizer)`: prune a model in memory (calibrating when the metric needs it).
+    - `convert_model(model, names)`: put empty PermutedSparseLinear modules in place, to load a checkpoint.
+    - `dequantize_model(model)`: back to plain nn.Linear (un-permuted, zeros in place).
+    """
+
+    def __init__(self, config: PermLLMConfig | None = None, **kwargs: Any):
+        if config is not None and kwargs:
+            raise TypeError("Pass either a PermLLMConfig or keyword arguments, not both.")
+        self.config = config if config is not None else PermLLMConfig(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict) -> PermLLMSparsifier:
+        return cls(PermLLMConfig.from_dict(config_dict))
+
+    # ------------------------------------------------------------------ pruning
+    def sparsify_model(self, model: nn.Module, tokenizer: Any = None, progress: bool = True, callback=None) -> nn.Module:
+        """Prune `model` in place and record what was converted in its config; returns the model."""
+        config = self.config
+        if config.needs_calibration:
+            from .pipeline.layerwise import sparsify_layerwise
+
+            tokenizer = self._resolve_tokenizer(model, tokenizer)
+            from .data.calibration import get_calibration_data
+
+            samples = get_calibration_data(config.dataset, tokenizer, config.num_samples, config.seq_len, config.seed)
+            converted = sparsify_layerwise(model, samples, config, progress=progress, callback=callback)
+        else:
+            converted = self._magnitude_prune(model)
+        config.converted_modules = sorted(converted)
+        if hasattr(model, "config"):
+            model.config.quantization_config = config
+        _mark_sparse(model, config)
+        return model
+
+    def _magnitude_prune(self, model: nn.Module) -> list[str]:
+        """Data-free path: keep the largest |w| of every N:M group, no permutation."""
+        pattern = self.config.pattern
+        linears = prunable_linears(model, self.config.modules_to_not_convert)
+        for name, linear in linears.items():
+            pattern.check_width(linear.in_features, f"{name}.in_features")
+        for name, linear in linears.items():
+            set_submodule(model, name, PermutedSparseLinear.from_linear(linear, pattern.n, pattern.m))
+        logger.info("Pruned %d linear layers to %s by magnitude.", len(linears), pattern)
+        return list(linears)
+
+    def _resolve_tokenizer(self, model: nn.Module, tokenizer: Any):
+        tokenizer = tokenizer if tokenizer is not None else self.config.tokenizer
+        if tokenizer is None:
+            tokenizer = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+        if isinstance(tokenizer, str):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        if tokenizer is None:
+            raise ValueError(
+                f"metric={self.config.metric!r} / permutation={self.config.permutation!r} need calibration text and a "
+                "tokenizer: pass tokenizer=... to PermLLMConfig or to sparsify_model."
+            )
+        return tokenizer
+
+    # ------------------------------------------------------------------ loading
+    def convert_model(self, model: nn.Module, module_names: list[str]) -> nn.Module:
+        """Replace the named nn.Linear modules by empty PermutedSparseLinear modules of the same shape."""
+        pattern = self.config.pattern
+        for name in module_names:
+            try:
+                linear = model.get_submodule(name)
+            except AttributeError as error:
+                raise ValueError(f"The checkpoint has sparse weights for {name!r}, which this model does not have.") from error
+            if not isinstance(linear, nn.Linear):
+                raise ValueError(f"{name!r} is a {type(linear).__name__}, not an nn.Linear: cannot restore a sparse layer there.")
+            sparse = PermutedSparseLinear(linear.in_features, linear.out_features, pattern.n, pattern.m,
+                                          bias=linear.bias is not None, device=linear.weight.device,
+                                          dtype=linear.weight.dtype)
+            set_submodule(model, name, sparse)
+        _mark_sparse(model, self.config)
+        return model
+
+    # ------------------------------------------------------------------ export
+    @staticmethod
+    def dequantize_model(model: nn.Module) -> nn.Module:
+        """Replace every PermutedSparseLinear by the equivalent dense nn.Linear (zeros in place)."""
+        for name, module in list(model.named_modules()):
+            if isinstance(module, PermutedSparseLinear):
+                set_submodule(model, name, module.to_linear())
+        return model
+
+
+def _mark_sparse(model: nn.Module, config: PermLLMConfig) -> None:
+    """Set the attributes transformers uses to recognise a quantized model."""
+    model.is_quantized = True
+    model.quantization_method = "permllm"
+
+
+def sparse_modules(model: nn.Module) -> dict[str, PermutedSparseLinear]:
+    """All PermutedSparseLinear modules of a model, by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, PermutedSparseLinear)}
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """What each sparse layer holds: shape, pattern, whether its permutation is folded, bytes stored."""
+    report = {}
+    for name, module in sparse_modules(model).items():
+        stored = sum(t.numel() * t.element_size() for t in (module.weight, module.weight_mask, module.input_perm))
+        report[name] = {
+            "shape": (module.out_features, module.in_features),
+            "sparsity": f"{module.n}:{module.m}",
+            "permuted_input": not module.has_identity_perm(),
+            "bytes": stored,
+            "dense_bytes": module.out_features * module.in_features * module.weight.element_size(),
+        }
+    return report
