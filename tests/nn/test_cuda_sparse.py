@@ -1,0 +1,223 @@
+"""The CUDA 2:4 fast path: support rules and padding logic on CPU; the real kernels on a GPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+from optimum_permllm.nn import cuda_sparse
+from optimum_permllm.nn.cuda_sparse import (
+    SemiStructuredMatmul,
+    compress_weight,
+    layout_reason,
+    pad_rows,
+    semi_structured_support,
+    sparse_linear,
+)
+from optimum_permllm.sparse.nm import check_nm, nm_mask
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def masked_weight(out_features, in_features, dtype=torch.float32, device="cpu", seed=0):
+    """A random 2:4 weight (magnitude mask) with no zero among the kept entries."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g)
+    w = w + torch.sign(w) * 0.1  # keep every value away from zero
+    return w.masked_fill(~nm_mask(w.abs(), 2, 4), 0).to(device=device, dtype=dtype)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend a CUDA device of a chosen compute capability, with or without cuSPARSELt."""
+
+    def install(capability=(8, 0), cusparselt=True):
+        monkeypatch.setattr(cuda_sparse, "_cuda_ready", lambda device: True)
+        monkeypatch.setattr(cuda_sparse, "_device_capability", lambda device: capability)
+        monkeypatch.setattr(cuda_sparse, "_cusparselt_available", lambda: cusparselt)
+
+    return install
+
+
+# ----------------------------------------------------------------------------- support rules (CPU)
+def test_cpu_device_is_refused():
+    reason = semi_structured_support((128, 128), torch.float16, torch.device("cpu"), 2, 4)
+    assert reason is not None and "not CUDA" in reason
+
+
+@pytest.mark.parametrize("n,m", [(4, 8), (1, 4), (2, 8)])
+def test_only_2_4_is_supported(n, m, fake_gpu):
+    fake_gpu()
+    assert "only 2:4" in semi_structured_support((128, 128), torch.float16, "cuda", n, m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8, torch.float64])
+def test_bad_dtype_is_refused(dtype, fake_gpu):
+    fake_gpu()
+    assert "float16/bfloat16" in semi_structured_support((128, 128), dtype, "cuda", 2, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_supported_layer_on_ampere_and_hopper(dtype, fake_gpu):
+    for capability in [(8, 0), (8, 6), (9, 0)]:
+        fake_gpu(capability, cusparselt=True)
+        assert semi_structured_support((4096, 11008), dtype, "cuda", 2, 4) is None
+
+
+def test_old_gpu_is_refused(fake_gpu):
+    fake_gpu((7, 5))
+    assert "< 8.0" in semi_structured_support((128, 128), torch.float16, "cuda", 2, 4)
+
+
+def test_hopper_without_cusparselt_is_refused_but_ampere_uses_cutlass(fake_gpu):
+    fake_gpu((9, 0), cusparselt=False)
+    assert "cuSPARSELt" in semi_structured_support((128, 128), torch.float16, "cuda", 2, 4)
+    fake_gpu((8, 0), cusparselt=False)
+    assert cuda_sparse.select_backend("cuda") == (SparseSemiStructuredTensorCUTLASS, None)
+    assert semi_structured_support((128, 128), torch.float16, "cuda", 2, 4) is None
+
+
+def test_alignment_follows_the_backend(fake_gpu):
+    # cuSPARSELt needs multiples of 16 in fp16; CUTLASS needs 32 rows and 64 columns.
+    fake_gpu((8, 0), cusparselt=True)
+    assert semi_structured_support((48, 48), torch.float16, "cuda", 2, 4) is None
+    assert "multiple of (16, 16)" in semi_structured_support((48, 40), torch.float16, "cuda", 2, 4)
+    fake_gpu((8, 0), cusparselt=False)
+    assert "multiple of (32, 64)" in semi_structured_support((48, 64), torch.float16, "cuda", 2, 4)
+    assert semi_structured_support((64, 128), torch.float16, "cuda", 2, 4) is None
+
+
+def test_layout_reason_matches_torch_constraints():
+    for backend in (SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS):
+        rows, cols = cuda_sparse.sparse_alignment(backend, torch.bfloat16)
+        assert layout_reason((rows, cols), torch.bfloat16, backend) is None
+        assert layout_reason((rows + 8, cols), torch.bfloat16, backend) is not None
+        assert layout_reason((rows, cols, 1), torch.bfloat16, backend) is not None
+        assert layout_reason((0, cols), torch.bfloat16, backend) is not None
+
+
+def test_compress_weight_refuses_cpu_with_a_clear_error():
+    with pytest.raises(ValueError, match="dense path"):
+        compress_weight(masked_weight(32, 64, torch.float16))
+
+
+# ----------------------------------------------------------------------------- padding logic (CPU)
+def test_pad_rows():
+    x = torch.arange(12.0).reshape(3, 4)
+    padded = pad_rows(x, 8)
+    assert padded.shape == (8, 4) and torch.equal(padded[:3], x) and not padded[3:].any()
+    assert torch.equal(pad_rows(x, 1), x) and torch.equal(pad_rows(pad_rows(x, 8), 8), padded)
+
+
+class PaddedDenseKernel:
+    """Stands in for the sparse kernel on CPU: checks the token padding, then does a dense F.linear."""
+
+    def __init__(self, multiple):
+        self.multiple = multiple
+        self.rows_seen = []
+
+    def __call__(self, x2d, weight, bias):
+        assert x2d.dim() == 2 and x2d.shape[0] % self.multiple == 0 and x2d.is_contiguous()
+        self.rows_seen.append(x2d.shape[0])
+        return F.linear(x2d, weight, bias)
+
+
+@pytest.mark.parametrize("leading", [(5,), (2, 3), (1, 1), (3, 7)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_forward_flattens_pads_and_slices(leading, with_bias, monkeypatch):
+    monkeypatch.setattr(cuda_sparse, "token_multiple", lambda compressed: 8)
+    weight = masked_weight(24, 16, torch.float64)
+    bias = torch.randn(24, dtype=torch.float64) if with_bias else None
+    x = torch.randn(*leading, 16, dtype=torch.float64)
+    kernel = PaddedDenseKernel(8)
+    y = SemiStructuredMatmul.apply(x, weight, lambda: weight, bias, kernel)
+    tokens = x.numel() // 16
+    assert kernel.rows_seen == [-(-tokens // 8) * 8]
+    torch.testing.assert_close(y, F.linear(x, weight, bias), rtol=0, atol=1e-12)
+
+
+def test_backward_matches_dense_autograd(monkeypatch):
+    monkeypatch.setattr(cuda_sparse, "token_multiple", lambda compressed: 8)
+    weight = masked_weight(24, 16, torch.float64, seed=1)
+    bias = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    grad_y = torch.randn(2, 5, 24, dtype=torch.float64)
+    SemiStructuredMatmul.apply(x, weight, lambda: weight, bias, PaddedDenseKernel(8)).backward(grad_y)
+    x_ref = x.detach().clone().requires_grad_()
+    bias_ref = bias.detach().clone().requires_grad_()
+    F.linear(x_ref, weight, bias_ref).backward(grad_y)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(bias.grad, bias_ref.grad, rtol=0, atol=1e-12)
+
+
+def test_sparse_linear_sparse_path_with_default_kernel_and_backward(monkeypatch):
+    # A dense tensor stands in for the compressed one: F.linear (the default kernel) then runs on CPU.
+    monkeypatch.setattr(cuda_sparse, "token_multiple", lambda compressed: 16)
+    weight = masked_weight(8, 32, torch.float64, seed=4)
+    x = torch.randn(3, 3, 32, dtype=torch.float64, requires_grad=True)
+    y = sparse_linear(x, weight, lambda: weight, None, min_tokens=1)
+    assert y.grad_fn is not None and "SemiStructuredMatmul" in type(y.grad_fn).__name__
+    y.square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    F.linear(x_ref, weight).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-12)
+
+
+def test_sparse_linear_dispatches_on_token_count(monkeypatch):
+    calls = []
+    monkeypatch.setattr(SemiStructuredMatmul, "apply", lambda *args: calls.append("sparse") or F.linear(
+        args[0], args[1], args[3]))
+    weight = masked_weight(16, 16)
+
+    def dense_weight():
+        calls.append("dense")
+        return weight
+
+    sparse_linear(torch.randn(3, 16), weight, dense_weight, None, min_tokens=4)
+    sparse_linear(torch.randn(2, 2, 16), weight, dense_weight, None, min_tokens=4)
+    sparse_linear(torch.randn(2, 2, 16).half(), weight, dense_weight, None, min_tokens=4)  # dtype mismatch
+    assert calls == ["dense", "sparse", "dense"]
+
+
+def test_default_min_tokens_is_a_positive_int():
+    assert isinstance(cuda_sparse.DEFAULT_MIN_TOKENS, int) and cuda_sparse.DEFAULT_MIN_TOKENS >= 1
+
+
+# ----------------------------------------------------------------------------- real kernels (GPU)
+def relative_error(actual, expected):
+    return float((actual.float() - expected.float()).norm() / expected.float().norm())
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 13, 128])
+def test_gpu_forward_matches_dense_masked_reference(dtype, tokens):
+    weight = masked_weight(256, 512, dtype, "cuda", seed=2)
+    if semi_structured_support(weight.shape, dtype, weight.device, 2, 4) is not None:
+        pytest.skip(semi_structured_support(weight.shape, dtype, weight.device, 2, 4))
+    compressed = compress_weight(weight)
+    bias = torch.randn(256, dtype=dtype, device="cuda")
+    x = torch.randn(tokens, 3, 512, dtype=dtype, device="cuda")
+    y = sparse_linear(x, compressed, lambda: weight, bias, min_tokens=1)
+    reference = F.linear(x.double(), weight.double(), bias.double())
+    assert y.shape == reference.shape and y.dtype == dtype
+    assert relative_error(y, reference) < (2e-3 if dtype == torch.float16 else 1.6e-2)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_backward_matches_dense_autograd(dtype):
+    weight = masked_weight(128, 256, dtype, "cuda", seed=3)
+    if semi_structured_support(weight.shape, dtype, weight.device, 2, 4) is not None:
+        pytest.skip(semi_structured_support(weight.shape, dtype, weight.device, 2, 4))
+    assert check_nm(weight, 2, 4)
+    compressed = compress_weight(weight)
+    x = torch.randn(4, 19, 256, dtype=dtype, device="cuda", requires_grad=True)
+    grad_y = torch.randn(4, 19, 128, dtype=dtype, device="cuda")
+    sparse_linear(x, compressed, lambda: weight, None, min_tokens=1).backward(grad_y)
+    x_ref = x.detach().double().requires_grad_()
+    F.linear(x_ref, weight.double()).backward(grad_y.double())
+    assert relative_error(x.grad, x_ref.grad) < (2e-3 if dtype == torch.float16 else 1.6e-2)
