@@ -1,0 +1,156 @@
+"""The layer-by-layer pruning engine.
+
+Capture the inputs of the first decoder layer, then for each layer in order: collect its input
+statistics, decide permutations and masks per group of linears sharing an input, replace the linears
+by PermutedSparseLinear, fold permutations where exact, and recompute the layer's outputs from the
+PRUNED layer to feed the next one. Memory: one layer plus the calibration activations; a model kept
+on the CPU can be pruned one layer at a time on a GPU by passing `device`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import PermLLMConfig
+from ..nn.permuted_sparse_linear import PermutedSparseLinear
+from .capture import CalibrationCache, capture
+from .planning import GroupPlan, block_size_for, plan_group
+from .statistics import collect_statistics
+from .structure import find_decoder_layers, layer_linears, set_submodule
+
+logger = logging.getLogger(__name__)
+
+LayerCallback = Callable[[int, dict], None]
+
+
+def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, config: PermLLMConfig, progress: bool = True,
+                       callback: LayerCallback | None = None, device=None, batch_size: int = 1) -> list[str]:
+    """Prune every decoder linear of `model` in place; returns the qualified names of converted layers."""
+    prefix, layers = find_decoder_layers(model)
+    _check_not_offloaded(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    _check_samples(samples, model)
+    converted: list[str] = []
+    with _no_kv_cache(model):
+        cache = capture(model, layers, samples, batch_size, device)
+        bar = tqdm(range(len(layers)), desc="permllm: pruning layers", disable=not progress, unit="layer")
+        for index in bar:
+            start = time.perf_counter()
+            layer = layers[index]
+            home = next(layer.parameters()).device
+            layer.to(device)
+            names, info = _sparsify_layer(layer, index, cache, config, f"{prefix}.{index}")
+            cache.hidden = [cache.call_for(index, h).run(layer, h) for h in cache.hidden]
+            layer.to(home)
+            converted += names
+            info["seconds"] = time.perf_counter() - start
+            bar.set_postfix_str(f"{info['seconds']:.1f}s/layer")
+            logger.info("layer %d: %s", index, _summary(info))
+            if callback is not None:
+                callback(index, info)
+    return converted
+
+
+@torch.no_grad()
+def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, config: PermLLMConfig,
+                    qualified: str) -> tuple[list[str], dict]:
+    """Prune one decoder layer in place; returns the converted names and what was decided per group."""
+    linears = layer_linears(layer, config.modules_to_not_convert, layer_name=qualified)
+    for name, linear in linears.items():
+        config.pattern.check_width(linear.in_features, f"{qualified}.{name}.in_features")
+    track_gram = config.metric == "sparsegpt" or config.permutation == "learned"
+    stats, groups = collect_statistics(layer, index, cache, linears, track_gram)
+    plans = {}
+    for group in groups:
+        weights = {name: linears[name].weight for name in group}
+        plans[tuple(group)] = plan_group(weights, stats[group[0]], config, learn=_learner(config))
+    for group, plan in plans.items():
+        _replace_group(layer, linears, group, plan, config)
+    if config.fold_permutations:
+        from .folding import fold_layer_permutations
+
+        fold_layer_permutations(layer, index, cache)
+    info = {"groups": {"+".join(group): plan.info for group, plan in plans.items()}}
+    return [f"{qualified}.{name}" for name in linears], info
+
+
+def _replace_group(layer, linears, group, plan: GroupPlan, config: PermLLMConfig) -> None:
+    n, m = config.pattern.n, config.pattern.m
+    for name in group:
+        sparse = PermutedSparseLinear.from_linear(linears[name], n, m, mask=plan.masks[name], perm=plan.perm,
+                                                  weight=plan.weights[name])
+        set_submodule(layer, name, sparse)
+
+
+def _learner(config: PermLLMConfig):
+    """The learned-permutation step for `plan_group`, in the configured scope."""
+    if config.permutation != "learned":
+        return None
+
+    def learn(weights, stats, init_perm):
+        from ..algorithms.learned_permutation import learn_permutation
+
+        block = block_size_for(weights[0].shape[1], config.block_size, config.pattern.m)
+        kwargs = {"steps": config.steps} if config.steps is not None else {}
+        with torch.enable_grad():  # the pruning pass runs under no_grad; learning needs gradients
+            result = learn_permutation(weights, stats.gram(), stats.feature_norms(), config.pattern.n,
+                                       config.pattern.m,
+                                       metric="ria" if config.metric == "ria" else "wanda", method=config.learner,
+                                       init_perm=init_perm, block_size=block, lr=config.lr, seed=config.seed,
+                                       **kwargs)
+        return result.perm, {"init_loss": result.init_loss, "learned_loss": result.best_loss}
+
+    return learn
+
+
+def _summary(info: dict) -> str:
+    parts = []
+    for group, stats in info["groups"].items():
+        text = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if isinstance(v, float))
+        parts.append(f"{group}[{text}]")
+    return "; ".join(parts) + f" ({info.get('seconds', 0):.1f}s)"
+
+
+def _check_samples(samples: torch.Tensor, model: nn.Module) -> None:
+    if not isinstance(samples, torch.Tensor) or samples.dim() != 2 or samples.numel() == 0:
+        raise ValueError("Calibration samples must be a non-empty LongTensor [num_samples, seq_len].")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and int(samples.max()) >= vocab:
+        raise ValueError(
+            f"Calibration token id {int(samples.max())} is outside the model's vocabulary ({vocab}): "
+            "the tokenizer does not belong to this model."
+        )
+
+
+def _check_not_offloaded(model: nn.Module) -> None:
+    """Refuse accelerate-offloaded models, whose weights cannot be replaced in place."""
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and getattr(hook, "offload", False):
+            raise ValueError(
+                "This model is offloaded by accelerate (device_map with 'cpu'/'disk' entries): its layers cannot be "
+                "pruned in place. Load it on the CPU without device_map and pass device='cuda' to prune one layer at "
+                "a time on the GPU."
+            )
+
+
+class _no_kv_cache:
+    """Turn off the model's KV cache while calibrating, and restore the setting after."""
+
+    def __init__(self, model: nn.Module):
+        self.config = getattr(model, "config", None)
+
+    def __enter__(self):
+        self.previous = getattr(self.config, "use_cache", None)
+        if self.config is not None:
+            self.config.use_cache = False
+
+    def __exit__(self, *exc):
+        if self.config is not None and self.previous is not None:
+            self.config.use_cache = self.previous

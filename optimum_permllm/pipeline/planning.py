@@ -1,0 +1,89 @@
+"""Decide, for one group of linears sharing an input, the input permutation and each layer's N:M weight.
+
+Tensors in, tensors out: the weights and the group's input statistics go in; a permutation and, per
+layer, the pruned weight and mask in permuted column order come out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..algorithms.heuristic_permutation import heuristic_permutation, retained_score
+from ..algorithms.scores import score_fn
+from ..algorithms.sparsegpt import sparsegpt_prune
+from ..algorithms.statistics import InputStatistics
+from ..config import PermLLMConfig
+from ..sparse.nm import nm_mask
+from ..sparse.permutation import identity_permutation
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GroupPlan:
+    """The permutation of a group's shared input and each member's pruned weight and mask (permuted order)."""
+
+    perm: torch.Tensor
+    weights: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+    info: dict = field(default_factory=dict)
+
+
+def selection_metric(config: PermLLMConfig) -> str:
+    """The score that chooses permutations (SparseGPT chooses them with Wanda scores, then updates weights)."""
+    return "wanda" if config.metric == "sparsegpt" else config.metric
+
+
+def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, config: PermLLMConfig,
+               learn=None) -> GroupPlan:
+    """Choose the group's permutation, then prune every member in that order.
+
+    `learn(weights, stats, init_perm) -> (perm, info)` runs the learned permutation when asked for.
+    """
+    n, m = config.pattern.n, config.pattern.m
+    metric = selection_metric(config)
+    norms = stats.feature_norms() if metric != "magnitude" else None
+    dense = {name: w.detach().float() for name, w in weights.items()}
+    scores = torch.cat([score_fn(metric)(w, norms) for w in dense.values()])
+    width = scores.shape[1]
+    info = {"identity_score": retained_score(scores, identity_permutation(width), n, m)}
+    perm = identity_permutation(width, scores.device)
+    if config.permutation in ("heuristic", "learned"):
+        perm = heuristic_permutation(scores, n, m)
+        info["heuristic_score"] = retained_score(scores, perm, n, m)
+    if config.permutation == "learned":
+        perm, learned_info = learn(list(dense.values()), stats, perm)
+        info.update(learned_info)
+    pruned, masks = _prune_members(weights, dense, scores, stats, perm, config)
+    return GroupPlan(perm=perm, weights=pruned, masks=masks, info=info)
+
+
+def _prune_members(weights, dense, scores, stats, perm, config):
+    """Prune each member in permuted order, by its scores or by SparseGPT with a weight update."""
+    n, m = config.pattern.n, config.pattern.m
+    pruned, masks, row = {}, {}, 0
+    hessian = stats.hessian() if config.metric == "sparsegpt" else None
+    for name, w in dense.items():
+        rows = w.shape[0]
+        if hessian is not None:
+            new, mask = sparsegpt_prune(w, hessian, n, m, perm=perm)
+        else:
+            mask = nm_mask(scores[row:row + rows][:, perm], n, m)
+            new = w[:, perm].masked_fill(~mask, 0)
+        pruned[name], masks[name] = new.to(weights[name].dtype), mask
+        row += rows
+    return pruned, masks
+
+
+def block_size_for(width: int, requested: int, m: int) -> int:
+    """The largest block size <= requested that divides `width` and is a multiple of M (at least M)."""
+    size = min(requested, width)
+    while size >= m:
+        if width % size == 0 and size % m == 0:
+            return size
+        size -= 1
+    return math.gcd(width, m)
