@@ -22,13 +22,17 @@ def retained_score(scores: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> 
     return float(grouped.topk(n, dim=-1).values.sum(dtype=torch.float64))
 
 
-def heuristic_permutation(scores: torch.Tensor, n: int, m: int, lsa_rounds: int = 1) -> torch.Tensor:
+def heuristic_permutation(
+    scores: torch.Tensor, n: int, m: int, lsa_rounds: int = 1, max_groups_per_lsa: int | None = None
+) -> torch.Tensor:
     """A permutation of the input channels of `scores` [out, in] that raises the retained N:M score.
 
     Scores of layers sharing one input may be concatenated along dim 0. The result is never worse than
     the identity on `retained_score`: every candidate is scored and the best one is returned.
+    `max_groups_per_lsa` splits each slot's assignment into strided blocks of at most that many groups
+    (cost out * G * block instead of out * G^2 for G = in / m groups), for wide layers on a CPU.
     """
-    _check_inputs(scores, n, m, lsa_rounds)
+    _check_inputs(scores, n, m, lsa_rounds, max_groups_per_lsa)
     scores = scores.detach().float()
     identity = identity_permutation(scores.shape[1], device=scores.device)
     if scores.shape[1] == m:
@@ -39,7 +43,7 @@ def heuristic_permutation(scores: torch.Tensor, n: int, m: int, lsa_rounds: int 
     for _ in range(lsa_rounds):
         round_start = current_score
         for slot in range(m):
-            candidate = _reassign_slot(scores, current, slot, n, m)
+            candidate = _reassign_slot(scores, current, slot, n, m, max_groups_per_lsa)
             candidate_score = retained_score(scores, candidate, n, m)
             if candidate_score > current_score:
                 current, current_score = candidate, candidate_score
@@ -60,12 +64,19 @@ def quantile_deal(scores: torch.Tensor, m: int) -> torch.Tensor:
     return quantiles.T.reshape(-1)
 
 
-def _reassign_slot(scores: torch.Tensor, perm: torch.Tensor, slot: int, n: int, m: int) -> torch.Tensor:
+def _reassign_slot(
+    scores: torch.Tensor, perm: torch.Tensor, slot: int, n: int, m: int, max_groups: int | None
+) -> torch.Tensor:
     """Optimally re-deal the channels sitting in `slot` among the groups, the other slots held fixed."""
-    gain = _slot_gain_matrix(_grouped(scores[:, perm], m), slot, n)
-    _, source = linear_sum_assignment(gain.cpu().double().numpy(), maximize=True)
+    grouped = _grouped(scores[:, perm], m)
+    num_groups = grouped.shape[1]
+    num_blocks = 1 if max_groups is None else -(-num_groups // max_groups)
     groups = perm.reshape(-1, m).clone()
-    groups[:, slot] = groups[torch.as_tensor(source, device=perm.device), slot]
+    for block in range(num_blocks):
+        members = torch.arange(block, num_groups, num_blocks, device=perm.device)
+        gain = _slot_gain_matrix(grouped[:, members], slot, n)
+        _, source = linear_sum_assignment(gain.cpu().double().numpy(), maximize=True)
+        groups[members, slot] = perm.reshape(-1, m)[members[torch.as_tensor(source, device=perm.device)], slot]
     return groups.reshape(-1)
 
 
@@ -90,12 +101,14 @@ def _grouped(scores: torch.Tensor, m: int) -> torch.Tensor:
     return scores.reshape(scores.shape[0], -1, m)
 
 
-def _check_inputs(scores: torch.Tensor, n: int, m: int, lsa_rounds: int) -> None:
+def _check_inputs(scores: torch.Tensor, n: int, m: int, lsa_rounds: int, max_groups: int | None) -> None:
     """Clear errors for inputs the permutation search cannot use."""
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D [out, in] (concatenate a group's layers along dim 0), got {tuple(scores.shape)}.")
     NMPattern(n, m).check_width(scores.shape[1])
     if lsa_rounds < 0:
         raise ValueError(f"lsa_rounds must be >= 0, got {lsa_rounds}.")
+    if max_groups is not None and max_groups < 2:
+        raise ValueError(f"max_groups_per_lsa must be None (one assignment over all groups) or >= 2, got {max_groups}.")
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("scores contain NaN or infinity: check the calibration statistics of this layer.")

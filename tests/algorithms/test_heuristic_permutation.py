@@ -50,6 +50,14 @@ def test_lsa_improves_on_quantile_dealing():
     assert retained_score(scores, heuristic_permutation(scores, 2, 4), 2, 4) > dealt
 
 
+def test_blocked_lsa_is_a_valid_improving_permutation():
+    scores = torch.rand(32, 96, generator=_generator(4)) ** 3
+    dealt = retained_score(scores, quantile_deal(scores, 4), 2, 4)
+    perm = heuristic_permutation(scores, 2, 4, max_groups_per_lsa=5)
+    check_permutation(perm, 96)
+    assert retained_score(scores, perm, 2, 4) > dealt
+
+
 def test_converged_result_has_no_improving_same_slot_swap():
     """After convergence each slot's LSA is optimal, so no swap of two groups' same-slot channels helps."""
     n, m = 2, 4
@@ -113,5 +121,7 @@ def test_clear_errors():
         heuristic_permutation(torch.rand(2, 6), 2, 4)
     with pytest.raises(ValueError, match="NaN"):
         heuristic_permutation(torch.full((2, 8), float("nan")), 2, 4)
+    with pytest.raises(ValueError, match="max_groups_per_lsa"):
+        heuristic_permutation(torch.rand(2, 8), 2, 4, max_groups_per_lsa=1)
     with pytest.raises(ValueError, match="2-D"):
         heuristic_permutation(torch.rand(8), 2, 4)
