@@ -1,0 +1,176 @@
+"""End-to-end timing of a LLaMA-7B-shaped model with random weights: dense vs every decoder linear at 2:4.
+
+Measures the prefill time of one sequence, greedy-free decode throughput (one token per step with the
+KV cache) and the memory of the weights. The sparse model is built with
+`PermutedSparseLinear.from_linear(linear, n=2, m=4, mask=None, perm=...)` (magnitude masks; random input
+permutations by default, so every layer pays its gather: the worst case, with nothing folded).
+
+    python benchmarks/bench_e2e.py                                   # LLaMA-7B shapes on a CUDA GPU
+    python benchmarks/bench_e2e.py --device cpu --layers 2 --hidden 256 --prefill 64 --decode 4 --vocab 1024
+
+Run from the repository root with the package installed (or PYTHONPATH=.).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from optimum_permllm.nn import PermutedSparseLinear
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096, help="hidden size (intermediate = 11008/4096 of it)")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--prefill", type=int, default=2048, help="prompt tokens for the prefill timing")
+    parser.add_argument("--decode", type=int, default=64, help="decode steps for tokens/s")
+    parser.add_argument("--repeats", type=int, default=3, help="prefill repeats (the median is reported)")
+    parser.add_argument("--perm", choices=["random", "none"], default="random",
+                        help="input permutation of every sparse linear (none = identity, no gather)")
+    args = parser.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU; use --device cpu --layers 2 --hidden 256 for a smoke run")
+    args.dtype = DTYPES[args.dtype or ("fp16" if args.device.type == "cuda" else "fp32")]
+    return args
+
+
+def llama_config(args):
+    """A LLaMA config of the requested size (head dim 128 at 7B; at least 1 head; widths multiples of 64)."""
+    from transformers import LlamaConfig
+
+    heads = max(1, args.hidden // 128)
+    intermediate = max(64, round(args.hidden * 11008 / 4096 / 64) * 64)
+    return LlamaConfig(hidden_size=args.hidden, intermediate_size=intermediate, num_hidden_layers=args.layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=args.vocab,
+                       max_position_embeddings=max(4096, args.prefill + args.decode))
+
+
+def build_model(args) -> nn.Module:
+    """The randomly initialised model, built directly on the device in the benchmark dtype."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(llama_config(args), dtype=args.dtype)
+    return model.eval()
+
+
+def sparsify_(model: nn.Module, perm: str) -> int:
+    """Replace every nn.Linear of the decoder layers by a 2:4 PermutedSparseLinear; returns how many."""
+    replaced = 0
+    for layer in model.model.layers:
+        for name, linear in list(layer.named_modules()):
+            if not isinstance(linear, nn.Linear):
+                continue
+            order = torch.randperm(linear.in_features, device=linear.weight.device) if perm == "random" else None
+            sparse = PermutedSparseLinear.from_linear(linear, n=2, m=4, mask=None, perm=order)
+            parent_name, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent_name) if parent_name else layer, child, sparse)
+            replaced += 1
+    return replaced
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (the portable state, not the derived CUDA form)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_prefill(model, input_ids, repeats: int) -> float:
+    """Median seconds of a forward pass over the whole prompt (after one warm-up pass)."""
+    samples = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            synchronize(input_ids.device)
+            began = time.perf_counter()
+            model(input_ids, use_cache=False)
+            synchronize(input_ids.device)
+            if i:
+                samples.append(time.perf_counter() - began)
+    return statistics.median(samples)
+
+
+def decode_tokens_per_second(model, input_ids, steps: int) -> float:
+    """Tokens/s of one-token forward steps that extend a KV cache filled by the prompt."""
+    with torch.inference_mode():
+        out = model(input_ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(token, past_key_values=cache, use_cache=True)  # warm-up step
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        synchronize(input_ids.device)
+        began = time.perf_counter()
+        for _ in range(steps):
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        synchronize(input_ids.device)
+    return steps / (time.perf_counter() - began)
+
+
+def measure(model, args) -> dict:
+    """Prefill seconds, decode tokens/s, weight bytes and (CUDA) allocated bytes after the runs."""
+    input_ids = torch.randint(0, args.vocab, (1, args.prefill), device=args.device)
+    decode_prompt = input_ids[:, : min(args.prefill, 128)]
+    result = {"prefill_s": time_prefill(model, input_ids, args.repeats),
+              "decode_tok_s": decode_tokens_per_second(model, decode_prompt, args.decode),
+              "weights": weight_bytes(model)}
+    if args.device.type == "cuda":
+        torch.cuda.empty_cache()
+        result["allocated"] = torch.cuda.memory_allocated(args.device)
+    return result
+
+
+def report(config, args, dense: dict, sparse: dict, replaced: int) -> str:
+    """The Markdown summary of both runs."""
+    def gib(n):
+        return f"{n / 2**30:.3f}" if n is not None else "n/a"
+
+    lines = [
+        "## End-to-end: dense vs 2:4 (random weights)\n",
+        f"- model: LLaMA shape, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"intermediate {config.intermediate_size}, vocab {config.vocab_size}, {args.dtype}, {args.device}",
+        f"- {replaced} linears at 2:4, input permutation: {args.perm}; lm_head and embeddings dense",
+        f"- torch {torch.__version__}, CUDA {torch.version.cuda}"
+        + (f", {torch.cuda.get_device_name(args.device)}" if args.device.type == "cuda" else ""),
+        "- GPU allocated after the runs includes the compressed 2:4 weights built at first use\n",
+        f"| model | prefill {args.prefill} tok (ms) | decode (tok/s) | weights (GiB) | GPU allocated (GiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in (("dense", dense), ("2:4", sparse)):
+        lines.append(f"| {name} | {r['prefill_s'] * 1e3:.1f} | {r['decode_tok_s']:.1f} | {gib(r['weights'])} | "
+                     f"{gib(r.get('allocated'))} |")
+    lines.append(f"\nprefill speedup {dense['prefill_s'] / sparse['prefill_s']:.2f}x, "
+                 f"decode speedup {sparse['decode_tok_s'] / dense['decode_tok_s']:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.device.type == "cpu":
+        torch.set_num_threads(1)  # smoke runs share small CI machines: avoid oversubscribed thread pools
+    model = build_model(args)
+    dense = measure(model, args)
+    replaced = sparsify_(model, args.perm)
+    if args.device.type == "cuda":
+        torch.cuda.empty_cache()
+    sparse = measure(model, args)
+    print(report(model.config, args, dense, sparse, replaced))
+
+
+if __name__ == "__main__":
+    main()

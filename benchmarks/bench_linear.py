@@ -1,0 +1,248 @@
+"""Per-linear timing of the 2:4 fast path at LLaMA-2-7B shapes, and the token count where it starts to win.
+
+Compares, for each shape, token count and dtype: a dense nn.Linear; the 2:4 semi-structured kernel with
+the input already permuted (permutation folded away); with the permutation applied by index_select or by
+the Triton gather; and an RMSNorm followed by the layer, unfused (Hugging Face eager norm, dense layer)
+versus the fused permuted norm feeding the 2:4 layer. Also sweeps 1..4096 tokens for the threshold to
+put in `optimum_permllm.nn.cuda_sparse.DEFAULT_MIN_TOKENS`, and reports weight memory.
+
+    python benchmarks/bench_linear.py                      # on a CUDA GPU
+    python benchmarks/bench_linear.py --device cpu --quick # seconds-long smoke run (no sparse kernel)
+
+Run from the repository root with the package installed (or PYTHONPATH=.).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+
+from optimum_permllm.kernels import gather_columns, permuted_norm
+from optimum_permllm.kernels.permuted_norm import norm_reference
+from optimum_permllm.nn.cuda_sparse import DEFAULT_MIN_TOKENS, compress_weight, semi_structured_support
+from optimum_permllm.sparse.nm import nm_mask, pack_nm, packed_nbytes
+
+# (in_features, out_features, layers): LLaMA-2-7B.
+LLAMA2_7B_SHAPES = [(4096, 4096, "q/k/v/o"), (4096, 11008, "gate/up"), (11008, 4096, "down")]
+QUICK_SHAPES = [(256, 256, "q/k/v/o"), (256, 688, "gate/up"), (688, 256, "down")]
+SWEEP_TOKENS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+EPS = 1e-5
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (CPU smoke test)")
+    parser.add_argument("--tokens", type=int, nargs="+", help="token counts (default 1 16 128 2048)")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default fp16 bf16 (fp32 with --quick)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (the median is reported)")
+    parser.add_argument("--inner", type=int, default=None, help="calls per timed repeat")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the 1..4096-token threshold sweep")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.shapes = QUICK_SHAPES if quick else LLAMA2_7B_SHAPES
+    args.tokens = args.tokens or ([1, 16, 64] if quick else [1, 16, 128, 2048])
+    args.dtypes = [DTYPES[d] for d in (args.dtypes or (["fp32"] if quick else ["fp16", "bf16"]))]
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 10)
+    args.repeats = args.repeats if args.repeats is not None else (3 if quick else 30)
+    args.inner = args.inner if args.inner is not None else (1 if quick else 10)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU; use --device cpu --quick for a smoke run")
+    return args
+
+
+def time_ms(fn, device: torch.device, warmup: int, repeats: int, inner: int) -> float:
+    """Median milliseconds of one call of `fn` (CUDA events on a GPU, perf_counter on a CPU)."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        samples = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(inner):
+                    fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end) / inner)
+            else:
+                began = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                samples.append((time.perf_counter() - began) * 1e3 / inner)
+    return statistics.median(samples)
+
+
+def build_layer(in_features: int, out_features: int, dtype, device, seed: int = 0) -> dict:
+    """A random 2:4 layer: dense and masked-permuted weights, its permutation, norm weight, compressed form."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    dense = torch.randn(out_features, in_features, generator=g, device=device, dtype=dtype) / in_features ** 0.5
+    perm = torch.randperm(in_features, generator=g, device=device)
+    permuted = dense[:, perm]
+    masked = permuted.masked_fill(~nm_mask(permuted.abs(), 2, 4), 0).contiguous()
+    reason = semi_structured_support(masked.shape, dtype, device, 2, 4)
+    return {
+        "dense": dense, "masked": masked, "perm": perm, "reason": reason,
+        "compressed": compress_weight(masked) if reason is None else None,
+        "norm_weight": torch.rand(in_features, generator=g, device=device, dtype=dtype) + 0.5,
+    }
+
+
+def variants(layer: dict, x: torch.Tensor) -> dict:
+    """Name -> zero-argument call. '2:4' uses the compressed weight, or the dense masked one without it."""
+    dense, perm, g = layer["dense"], layer["perm"], layer["norm_weight"]
+    sparse = layer["compressed"] if layer["compressed"] is not None else layer["masked"]
+    folded = x.index_select(-1, perm)
+    return {
+        "dense": lambda: F.linear(x, dense),
+        "2:4": lambda: F.linear(folded, sparse),
+        "2:4+index_select": lambda: F.linear(x.index_select(-1, perm), sparse),
+        "2:4+gather": lambda: F.linear(gather_columns(x, perm), sparse),
+        "norm+dense": lambda: F.linear(norm_reference(x, g, None, EPS, "rms"), dense),
+        "fused_norm+2:4": lambda: F.linear(permuted_norm(x, g, None, perm, EPS, "rms"), sparse),
+    }
+
+
+def timing_rows(args) -> tuple[list[str], list[list[str]]]:
+    """One Markdown row per (shape, tokens, dtype) with the time of every variant in ms."""
+    names = list(variants(build_layer(16, 16, torch.float32, torch.device("cpu")), torch.zeros(1, 16)))
+    headers = ["layer", "in->out", "tokens", "dtype", *[f"{n} (ms)" for n in names], "2:4+gather speedup"]
+    rows = []
+    for in_f, out_f, label in args.shapes:
+        for dtype in args.dtypes:
+            layer = build_layer(in_f, out_f, dtype, args.device)
+            for tokens in args.tokens:
+                x = torch.randn(tokens, in_f, device=args.device, dtype=dtype)
+                times = {n: time_ms(fn, args.device, args.warmup, args.repeats, args.inner)
+                         for n, fn in variants(layer, x).items()}
+                cells = [f"{times[n]:.4f}" if label != "down" or "norm" not in n else "-" for n in names]
+                rows.append([label, f"{in_f}->{out_f}", str(tokens), _dtype_name(dtype), *cells,
+                             f"{times['dense'] / times['2:4+gather']:.2f}x"])
+    return headers, rows
+
+
+def sweep_threshold(args) -> tuple[int | None, list[str], list[list[str]]]:
+    """Smallest token count from which the 2:4 kernel beats dense for every shape, dtype and larger count."""
+    headers = ["tokens"] + [f"{label} {_dtype_name(d)}" for _, _, label in args.shapes for d in args.dtypes]
+    columns = []
+    for in_f, out_f, _ in args.shapes:
+        for dtype in args.dtypes:
+            layer = build_layer(in_f, out_f, dtype, args.device)
+            ratios = []
+            for tokens in SWEEP_TOKENS:
+                x = torch.randn(tokens, in_f, device=args.device, dtype=dtype)
+                calls = variants(layer, x)
+                dense = time_ms(calls["dense"], args.device, args.warmup, args.repeats, args.inner)
+                sparse = time_ms(calls["2:4"], args.device, args.warmup, args.repeats, args.inner)
+                ratios.append(dense / sparse)
+            columns.append(ratios)
+    rows = [[str(t)] + [f"{col[i]:.2f}x" for col in columns] for i, t in enumerate(SWEEP_TOKENS)]
+    wins_from = [_first_lasting_win(col) for col in columns]
+    threshold = None if None in wins_from else max(wins_from)
+    return threshold, headers, rows
+
+
+def _first_lasting_win(ratios: list[float]) -> int | None:
+    """The first sweep token count after which dense/sparse stays above 1, or None if it never does."""
+    for i, tokens in enumerate(SWEEP_TOKENS):
+        if all(r > 1.0 for r in ratios[i:]):
+            return tokens
+    return None
+
+
+def memory_rows(args) -> tuple[list[str], list[list[str]]]:
+    """Weight bytes per layer: dense, portable packed (values + bitmask + perm), compressed on the GPU."""
+    headers = ["layer", "in->out", "dtype", "dense (MiB)", "packed+perm (MiB)", "compressed (MiB)"]
+    rows = []
+    for in_f, out_f, label in args.shapes:
+        for dtype in args.dtypes:
+            layer = build_layer(in_f, out_f, dtype, args.device)
+            values, bitmask = pack_nm(layer["masked"], 2, 4)
+            dense = layer["dense"].numel() * layer["dense"].element_size()
+            packed = packed_nbytes(values, bitmask, layer["perm"])
+            compressed = _compressed_nbytes(layer["compressed"])
+            rows.append([label, f"{in_f}->{out_f}", _dtype_name(dtype), _mib(dense), _mib(packed),
+                         _mib(compressed) if compressed else f"n/a ({layer['reason']})"])
+    return headers, rows
+
+
+def _compressed_nbytes(compressed) -> int:
+    """Bytes held by the inner tensors of a semi-structured tensor (0 for None)."""
+    if compressed is None:
+        return 0
+    inner = [getattr(compressed, name) for name in ("packed", "meta", "packed_t", "meta_t",
+                                                    "compressed_swizzled_bitmask")]
+    return sum(t.numel() * t.element_size() for t in inner if t is not None)
+
+
+def environment_lines(device: torch.device) -> list[str]:
+    """Card, driver, torch, CUDA and cuSPARSELt versions (or the CPU) the numbers were taken on."""
+    lines = [f"- torch {torch.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}"]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        lines.append(f"- device: {props.name} (compute capability {props.major}.{props.minor}, "
+                     f"{props.total_memory / 2**30:.0f} GiB), driver {_driver_version()}")
+        lines.append(f"- cuSPARSELt: {torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else 'unavailable'}")
+    else:
+        lines.append(f"- device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    return lines
+
+
+def _driver_version() -> str:
+    """The NVIDIA driver version from nvidia-smi, or 'unknown'."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)
+        return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _dtype_name(dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f}"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.device.type == "cpu" and args.quick:
+        torch.set_num_threads(1)  # smoke runs share small CI machines: avoid oversubscribed thread pools
+    print("## Per-linear timing (median ms per call)\n")
+    print("\n".join(environment_lines(args.device)))
+    if args.device.type != "cuda":
+        print("- no sparse kernel on this device: the '2:4' columns use the dense masked weight")
+    print(f"- warm-up {args.warmup}, repeats {args.repeats} x {args.inner} calls; "
+          "norm columns apply to layers fed by a norm (not down)\n")
+    print(markdown_table(*timing_rows(args)))
+    print("\n## Weight memory per layer\n")
+    print(markdown_table(*memory_rows(args)))
+    if args.device.type == "cuda" and not args.no_sweep:
+        threshold, headers, rows = sweep_threshold(args)
+        print("\n## Threshold sweep: dense time / 2:4 time (input already permuted)\n")
+        print(markdown_table(headers, rows))
+        advice = "never wins in the sweep; keep the dense path" if threshold is None else str(threshold)
+        print(f"\nRecommended DEFAULT_MIN_TOKENS = {advice} (current value {DEFAULT_MIN_TOKENS})")
+    else:
+        print(f"\nThreshold sweep skipped (needs a CUDA GPU); current DEFAULT_MIN_TOKENS = {DEFAULT_MIN_TOKENS}")
+
+
+if __name__ == "__main__":
+    main()
