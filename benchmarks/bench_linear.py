@@ -192,7 +192,8 @@ def environment_lines(device: torch.device) -> list[str]:
         props = torch.cuda.get_device_properties(device)
         lines.append(f"- device: {props.name} (compute capability {props.major}.{props.minor}, "
                      f"{props.total_memory / 2**30:.0f} GiB), driver {_driver_version()}")
-        lines.append(f"- cuSPARSELt: {torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else 'unavailable'}")
+        cusparselt = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None
+        lines.append(f"- cuSPARSELt: {cusparselt or 'unavailable'}")
     else:
         lines.append(f"- device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     return lines
