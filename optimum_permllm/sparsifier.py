@@ -67,11 +67,11 @@ class PermLLMSparsifier:
         tokenizer = tokenizer if tokenizer is not None else self.config.tokenizer
         if tokenizer is None:
             tokenizer = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-        if isinstance(tokenizer, str):
+        if isinstance(tokenizer, str) and tokenizer:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        if tokenizer is None:
+        if tokenizer is None or isinstance(tokenizer, str):
             raise ValueError(
                 f"metric={self.config.metric!r} / permutation={self.config.permutation!r} need calibration text and a "
                 "tokenizer: pass tokenizer=... to PermLLMConfig or to sparsify_model."

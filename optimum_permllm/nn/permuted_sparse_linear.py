@@ -39,6 +39,7 @@ class PermutedSparseLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._compressed = None  # (key, semi-structured tensor) built lazily on CUDA, never saved
+        self._dense = None  # (key, unpacked weight) for the dense path, never saved
         self._skip_gather = None  # (key, "input_perm is the identity"), recomputed when input_perm changes
 
     # ----------------------------------------------------------------- construction
@@ -78,6 +79,7 @@ class PermutedSparseLinear(nn.Module):
     def invalidate_cache(self) -> None:
         """Forget derived state (compressed CUDA weight, identity flag) after the stored tensors change."""
         self._compressed = None
+        self._dense = None
         self._skip_gather = None
 
     # ----------------------------------------------------------------- views of the weight
@@ -123,7 +125,16 @@ class PermutedSparseLinear(nn.Module):
                 from .cuda_sparse import DEFAULT_MIN_TOKENS, sparse_linear
 
                 return sparse_linear(x, compressed, self.permuted_dense_weight, self.bias, DEFAULT_MIN_TOKENS)
-        return F.linear(x, self.permuted_dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, self._cached_dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def _cached_dense_weight(self) -> torch.Tensor:
+        """The unpacked weight for the dense path, kept between calls (unpacking every call costs more
+        than the matmul at decode sizes). Rebuilt when the stored tensors change."""
+        key = (self.weight.device, self.weight.dtype, self.weight._version, self.weight.data_ptr(),
+               self.weight_mask._version, self.weight_mask.data_ptr())
+        if self._dense is None or self._dense[0] != key:
+            self._dense = (key, self.permuted_dense_weight())
+        return self._dense[1]
 
     def _cuda_weight(self):
         """The semi-structured weight for this device and dtype, or None when no kernel serves it."""

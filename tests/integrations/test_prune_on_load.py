@@ -1,0 +1,59 @@
+"""from_pretrained(dense, quantization_config=PermLLMConfig(...)) prunes on load; the sparsifier in memory."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from optimum_permllm import PermLLMConfig, PermLLMSparsifier, PermutedSparseLinear
+from optimum_permllm.sparse import check_nm
+
+from ..data.tiny_text import SENTENCES, tiny_tokenizer
+from ..conftest import tiny_model
+
+TEXT = [" ".join(SENTENCES) * 4] * 8
+
+
+def _dense_checkpoint(tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("qwen2", vocab=len(tokenizer))
+    model.save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    return tmp_path / "dense", tokenizer
+
+
+def test_prune_on_load_with_calibration_then_save_and_reload(tmp_path):
+    path, tokenizer = _dense_checkpoint(tmp_path)
+    config = PermLLMConfig(metric="wanda", permutation="heuristic", dataset=TEXT, num_samples=4, seq_len=32)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
+    sparse = [m for m in model.modules() if isinstance(m, PermutedSparseLinear)]
+    assert len(sparse) == 14 and all(check_nm(m.permuted_dense_weight(), 2, 4) for m in sparse)
+    assert any(not m.has_identity_perm() for m in sparse)
+    ids = tokenizer(SENTENCES[0], return_tensors="pt").input_ids
+    reference = model(ids).logits
+    model.save_pretrained(tmp_path / "sparse")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")
+    assert torch.equal(loaded(ids).logits, reference)
+    assert loaded.config.quantization_config.metric == "wanda"
+
+
+def test_sparsifier_in_memory_matches_prune_on_load(tmp_path):
+    path, tokenizer = _dense_checkpoint(tmp_path)
+    config = dict(metric="sparsegpt", permutation="heuristic", dataset=TEXT, num_samples=4, seq_len=32)
+    on_load = AutoModelForCausalLM.from_pretrained(path, quantization_config=PermLLMConfig(**config))
+    in_memory = AutoModelForCausalLM.from_pretrained(path)
+    PermLLMSparsifier(PermLLMConfig(**config)).sparsify_model(in_memory, tokenizer, progress=False)
+    ids = tokenizer(SENTENCES[1], return_tensors="pt").input_ids
+    assert torch.equal(on_load(ids).logits, in_memory(ids).logits)
+
+
+def test_calibration_without_any_tokenizer_is_a_clear_error():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="tokenizer"):
+        PermLLMSparsifier(PermLLMConfig(metric="wanda")).sparsify_model(model)
+
+
+def test_too_little_calibration_text_is_a_clear_error(tmp_path):
+    path, tokenizer = _dense_checkpoint(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with pytest.raises(ValueError, match="tokens"):
+        PermLLMSparsifier(PermLLMConfig(dataset=["too short"], seq_len=64, num_samples=2)).sparsify_model(model, tokenizer)

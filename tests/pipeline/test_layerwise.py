@@ -1,0 +1,156 @@
+"""The layer-by-layer engine: capture, shared-input groups, plans, folding, end to end on every family."""
+
+import pytest
+import torch
+from torch import nn
+
+from optimum_permllm import PermLLMConfig, PermutedSparseLinear
+from optimum_permllm.algorithms import retained_score, wanda_scores
+from optimum_permllm.algorithms.statistics import InputStatistics
+from optimum_permllm.pipeline.capture import capture
+from optimum_permllm.pipeline.layerwise import sparsify_layerwise
+from optimum_permllm.pipeline.planning import block_size_for, plan_group
+from optimum_permllm.pipeline.statistics import collect_statistics
+from optimum_permllm.pipeline.structure import StructureError, find_decoder_layers, layer_linears
+from optimum_permllm.sparse import check_nm, identity_permutation
+
+from ..conftest import tiny_model
+
+EXPECTED_GROUPS = {
+    "llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+    "opt": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]],
+    "gpt_neox": [["attention.query_key_value"], ["attention.dense"], ["mlp.dense_h_to_4h"], ["mlp.dense_4h_to_h"]],
+}
+
+
+def _ids(batch=4, length=24, vocab=128, seed=0):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_captured_calls_reproduce_the_model_layer_by_layer(family):
+    model = tiny_model(family)
+    ids = _ids()
+    _, layers = find_decoder_layers(model)
+    cache = capture(model, layers, ids, batch_size=2, device="cpu")
+    with torch.no_grad():
+        expected = model(ids, output_hidden_states=True).hidden_states
+        hidden = torch.cat(cache.hidden)
+        torch.testing.assert_close(hidden, expected[0])
+        for index, layer in enumerate(layers[:-1]):
+            hidden = torch.cat([cache.call_for(index, h).run(layer, h) for h in hidden.split(2)])
+            torch.testing.assert_close(hidden, expected[index + 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED_GROUPS))
+def test_linears_that_read_the_same_input_are_grouped(family):
+    model = tiny_model(family)
+    _, layers = find_decoder_layers(model)
+    cache = capture(model, layers, _ids(), batch_size=4, device="cpu")
+    stats, groups = collect_statistics(layers[0], 0, cache, layer_linears(layers[0]), track_gram=False)
+    assert sorted(map(sorted, groups)) == sorted(map(sorted, EXPECTED_GROUPS[family]))
+    assert set(stats) == {group[0] for group in groups}
+    assert all(s.num_tokens == 4 * 24 for s in stats.values())
+
+
+def _random_group(seed=0, out=48, width=64):
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(width, width, generator=generator) / width**0.5  # correlated features, as in LLMs
+    x = (torch.randn(512, width, generator=generator) @ mixing) * (1 + 3 * torch.rand(width, generator=generator).pow(3))
+    stats = InputStatistics(width, track_gram=True)
+    stats.add_batch(x)
+    weights = {"a": torch.randn(out, width, generator=generator), "b": torch.randn(out // 2, width, generator=generator)}
+    return weights, stats, x
+
+
+def test_heuristic_plan_keeps_at_least_the_identity_score():
+    weights, stats, _ = _random_group()
+    plan = plan_group(weights, stats, PermLLMConfig(metric="wanda", permutation="heuristic"))
+    assert plan.info["heuristic_score"] >= plan.info["identity_score"]
+    scores = torch.cat([wanda_scores(w, stats.feature_norms()) for w in weights.values()])
+    assert retained_score(scores, plan.perm, 2, 4) == pytest.approx(plan.info["heuristic_score"])
+    for name, w in weights.items():  # plans hold the original weights, permuted and masked
+        assert check_nm(plan.weights[name], 2, 4)
+        assert torch.equal(plan.weights[name], w[:, plan.perm].masked_fill(~plan.masks[name], 0))
+
+
+def test_sparsegpt_plan_reconstructs_the_layer_better_than_wanda():
+    weights, stats, x = _random_group(seed=3)
+    errors = {}
+    for metric in ("wanda", "sparsegpt"):
+        plan = plan_group(weights, stats, PermLLMConfig(metric=metric, permutation="heuristic"))
+        xp = x[:, plan.perm]
+        errors[metric] = sum(float((xp @ plan.weights[k].T - x @ w.T).square().sum()) for k, w in weights.items())
+    assert errors["sparsegpt"] < errors["wanda"]
+
+
+def test_block_size_falls_back_to_a_divisor_that_is_a_multiple_of_m():
+    assert block_size_for(576, 64, 4) == 64
+    assert block_size_for(96, 64, 4) == 48
+    assert block_size_for(40, 64, 8) == 40
+    assert 100 % block_size_for(100, 64, 4) == 0
+
+
+@pytest.mark.parametrize("metric,permutation", [("wanda", "heuristic"), ("ria", "none"), ("sparsegpt", "heuristic"),
+                                                ("magnitude", "heuristic")])
+def test_every_linear_is_pruned_and_keeps_its_pattern(family, metric, permutation):
+    model = tiny_model(family)
+    layers = find_decoder_layers(model)[1]
+    config = PermLLMConfig(metric=metric, permutation=permutation)
+    names = sparsify_layerwise(model, _ids(), config, progress=False)
+    sparse = {n: m for n, m in model.named_modules() if isinstance(m, PermutedSparseLinear)}
+    assert sorted(names) == sorted(sparse) and len(sparse) >= 8
+    assert not any(isinstance(m, nn.Linear) for m in layers.modules())
+    for module in sparse.values():
+        assert check_nm(module.permuted_dense_weight(), 2, 4)
+    assert torch.isfinite(model(_ids()).logits).all()
+
+
+def test_folding_keeps_the_logits_and_removes_the_mlp_gathers(family):
+    unfolded, folded = tiny_model(family), tiny_model(family)
+    for model, fold in ((unfolded, False), (folded, True)):
+        sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations=fold), progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(_ids(seed=5)).logits, unfolded(_ids(seed=5)).logits, rtol=1e-5, atol=1e-5)
+    gathers = lambda m: sum(not x.has_identity_perm() for x in m.modules() if isinstance(x, PermutedSparseLinear))  # noqa: E731
+    layers = folded.config.num_hidden_layers
+    assert gathers(folded) == gathers(unfolded) - layers  # one MLP down-projection per layer folded
+
+
+def test_learned_permutation_runs_in_the_pipeline():
+    model = tiny_model("llama")
+    infos = []
+    sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="learned", steps=3), progress=False,
+                       callback=lambda index, info: infos.append(info))
+    assert len(infos) == 2
+    for group in infos[0]["groups"].values():
+        assert group["learned_loss"] <= group["init_loss"] + 1e-9
+
+
+def test_a_model_without_decoder_layers_is_refused():
+    with pytest.raises(StructureError, match="decoder layers"):
+        find_decoder_layers(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_widths_not_divisible_by_m_name_the_fix():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="modules_to_not_convert"):
+        sparsify_layerwise(model, _ids(), PermLLMConfig(sparsity="1:3", permutation="none"), progress=False)
+
+
+def test_tokens_outside_the_vocabulary_are_refused():
+    with pytest.raises(ValueError, match="tokenizer does not belong"):
+        sparsify_layerwise(tiny_model("llama"), _ids(vocab=1000), PermLLMConfig(), progress=False)
+
+
+def test_skipped_modules_stay_dense():
+    model = tiny_model("llama")
+    sparsify_layerwise(model, _ids(), PermLLMConfig(modules_to_not_convert=["o_proj"]), progress=False)
+    assert isinstance(model.model.layers[0].self_attn.o_proj, nn.Linear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, PermutedSparseLinear)
+
+
+def test_identity_permutation_helper_matches_plan_for_none():
+    weights, stats, _ = _random_group()
+    plan = plan_group(weights, stats, PermLLMConfig(permutation="none"))
+    assert torch.equal(plan.perm, identity_permutation(64))
