@@ -37,7 +37,7 @@ def _scored_mask(num_windows: int, seq_len: int, stride: int) -> torch.Tensor:
     """[windows, seq_len - 1] bool: which next-token predictions of each window count (see step 3)."""
     mask = torch.zeros(num_windows, seq_len - 1, dtype=torch.bool)
     mask[0] = True
-    mask[1:, seq_len - 1 - stride :] = True
+    mask[1:, max(seq_len - 1 - stride, 0) :] = True
     return mask
 
 

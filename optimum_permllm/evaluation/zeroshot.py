@@ -145,19 +145,21 @@ def _max_length(model: torch.nn.Module) -> int | None:
 
 
 def _batch_loglikelihood(model: torch.nn.Module, sequences: list[torch.Tensor], continuation_lengths: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Summed float32 log-probability of the last `continuation_lengths` tokens of each right-padded sequence."""
+    """Summed float32 log-probability of the last `continuation_lengths` tokens of each sequence.
+
+    The model reads each sequence but its last token (right-padded), so no input exceeds the model's
+    maximum length; the scored targets are the continuation tokens.
+    """
     device = next(model.parameters()).device
-    lengths = torch.tensor([len(s) for s in sequences])
-    ids = pad_sequence(sequences, batch_first=True, padding_value=pad_id)
-    positions = torch.arange(ids.shape[1])
-    attention = (positions[None] < lengths[:, None]).long()
-    logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
-    logits = logits[:, :-1].float()
-    targets = ids[:, 1:].to(device)
-    logprob = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets).cpu()
-    shifted = positions[None, :-1]
-    scored = (shifted >= (lengths - continuation_lengths - 1)[:, None]) & (shifted < (lengths - 1)[:, None])
-    return (logprob.double() * scored).sum(dim=1)
+    lengths = torch.tensor([len(s) - 1 for s in sequences])  # inputs and targets per sequence
+    inputs = pad_sequence([s[:-1] for s in sequences], batch_first=True, padding_value=pad_id)
+    targets = pad_sequence([s[1:] for s in sequences], batch_first=True, padding_value=pad_id)
+    positions = torch.arange(inputs.shape[1])[None]
+    attention = (positions < lengths[:, None]).long()
+    logits = model(input_ids=inputs.to(device), attention_mask=attention.to(device), use_cache=False).logits.float()
+    logprob = -F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), reduction="none")
+    scored = (positions >= (lengths - continuation_lengths)[:, None]) & (positions < lengths[:, None])
+    return (logprob.view_as(targets).cpu().double() * scored).sum(dim=1)
 
 
 @torch.no_grad()
@@ -166,7 +168,7 @@ def loglikelihoods(model: torch.nn.Module, tokenizer, requests: Sequence[tuple[s
     pairs = [encode_pair(tokenizer, context, continuation) for context, continuation in requests]
     max_length = _max_length(model)
     sequences = [torch.tensor((c + k)[-(max_length + 1) :] if max_length else c + k) for c, k in pairs]
-    continuation_lengths = torch.tensor([len(k) for _, k in pairs])
+    continuation_lengths = torch.tensor([min(len(k), len(s) - 1) for (_, k), s in zip(pairs, sequences)])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # longest first: less padding
     result = torch.empty(len(sequences), dtype=torch.float64)
