@@ -13,6 +13,7 @@ from .sparsifier import PermLLMSparsifier, sparsity_report
 __version__ = "0.1.0"
 
 _register()
+from .integrations import peft as _peft_lora  # noqa: E402,F401  (importing it registers LoRA on sparse layers)
 
 __all__ = [
     "FORMAT_VERSION",
