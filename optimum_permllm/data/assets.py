@@ -142,8 +142,9 @@ def _iter_pages(path: Path):
             fields = {child.tag.rsplit("}", 1)[-1]: child for child in elem}
             revision = fields.get("revision")
             text = revision.find("{*}text") if revision is not None else None
+            wikitext = (text.text or "") if text is not None else ""
             namespace = fields["ns"].text if "ns" in fields else "0"
-            yield namespace, (text.text or "") if text is not None else "", "redirect" in fields
+            yield namespace, wikitext, "redirect" in fields
             elem.clear()
 
 

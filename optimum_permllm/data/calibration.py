@@ -35,7 +35,9 @@ def _read_file(path: str | os.PathLike) -> str:
     """Text of a local file, with a clear error when it does not exist."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Text file {path} does not exist: pass an existing file, a list of strings or a dataset name.")
+        raise FileNotFoundError(
+            f"Text file {path} does not exist: pass an existing file, a list of strings or a dataset name."
+        )
     return path.read_text(encoding="utf-8")
 
 
@@ -79,7 +81,9 @@ def _hub_dataset(name: str, split: str):
     return datasets.load_dataset(path, config or None, split=split)
 
 
-def load_calibration_text(source=None, text_column: str = "text", max_chars: int | None = None, seed: int = 0) -> str:
+def load_calibration_text(
+    source=None, text_column: str = "text", max_chars: int | None = None, seed: int = 0
+) -> str:
     """The calibration text of any supported source (see the module docstring) as one string."""
     import datasets
 

@@ -79,7 +79,10 @@ def perplexity(
     """Perplexity of `model` on `text` (default: the held-out Wikipedia part) by the module's protocol."""
     stride = seq_len if stride is None else stride
     if not 1 <= stride <= seq_len or seq_len < 2 or batch_size < 1:
-        raise ValueError(f"Need seq_len >= 2, 1 <= stride <= seq_len and batch_size >= 1; got {seq_len}, {stride}, {batch_size}.")
+        raise ValueError(
+            "Need seq_len >= 2, 1 <= stride <= seq_len and batch_size >= 1; "
+            f"got seq_len={seq_len}, stride={stride}, batch_size={batch_size}."
+        )
     ids = token_ids(tokenizer, get_evaluation_text() if text is None else text, add_bos)
     starts = _window_starts(ids.numel(), seq_len, stride, max_windows)
     windows = ids[starts[:, None] + torch.arange(seq_len)]

@@ -41,7 +41,7 @@ class MultipleChoice:
         return [(context, self.delimiter + choice) for context, choice in zip(self.contexts, self.choices)]
 
 
-def _same_context(context: str, choices: Sequence[str], gold: int, normalize: bool = True) -> MultipleChoice:
+def _same_context(context: str, choices: Sequence[str], gold: int, normalize=True) -> MultipleChoice:
     """A question whose choices all follow the same context."""
     return MultipleChoice((context,) * len(choices), tuple(choices), gold, normalize)
 
@@ -144,7 +144,9 @@ def _max_length(model: torch.nn.Module) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
-def _batch_loglikelihood(model: torch.nn.Module, sequences: list[torch.Tensor], continuation_lengths: torch.Tensor, pad_id: int) -> torch.Tensor:
+def _batch_loglikelihood(
+    model: torch.nn.Module, sequences: list[torch.Tensor], continuation_lengths: torch.Tensor, pad_id: int
+) -> torch.Tensor:
     """Summed float32 log-probability of the last `continuation_lengths` tokens of each sequence.
 
     The model reads each sequence but its last token (right-padded), so no input exceeds the model's
@@ -156,14 +158,17 @@ def _batch_loglikelihood(model: torch.nn.Module, sequences: list[torch.Tensor], 
     targets = pad_sequence([s[1:] for s in sequences], batch_first=True, padding_value=pad_id)
     positions = torch.arange(inputs.shape[1])[None]
     attention = (positions < lengths[:, None]).long()
-    logits = model(input_ids=inputs.to(device), attention_mask=attention.to(device), use_cache=False).logits.float()
+    output = model(input_ids=inputs.to(device), attention_mask=attention.to(device), use_cache=False)
+    logits = output.logits.float()
     logprob = -F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), reduction="none")
     scored = (positions >= (lengths - continuation_lengths)[:, None]) & (positions < lengths[:, None])
     return (logprob.view_as(targets).cpu().double() * scored).sum(dim=1)
 
 
 @torch.no_grad()
-def loglikelihoods(model: torch.nn.Module, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 8) -> torch.Tensor:
+def loglikelihoods(
+    model: torch.nn.Module, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 8
+) -> torch.Tensor:
     """Summed log-probability of each continuation given its context: float64 [len(requests)]."""
     pairs = [encode_pair(tokenizer, context, continuation) for context, continuation in requests]
     max_length = _max_length(model)
@@ -177,8 +182,8 @@ def loglikelihoods(model: torch.nn.Module, tokenizer, requests: Sequence[tuple[s
     try:
         for begin in range(0, len(order), batch_size):
             chunk = order[begin : begin + batch_size]
-            scores = _batch_loglikelihood(model, [sequences[i] for i in chunk], continuation_lengths[chunk], pad_id)
-            result[chunk] = scores
+            batch = [sequences[i] for i in chunk]
+            result[chunk] = _batch_loglikelihood(model, batch, continuation_lengths[chunk], pad_id)
     finally:
         model.train(was_training)
     return result
@@ -191,7 +196,9 @@ def choice_scores(question: MultipleChoice, loglik: torch.Tensor) -> torch.Tenso
     return loglik / torch.tensor([max(len(choice), 1) for choice in question.choices], dtype=loglik.dtype)
 
 
-def accuracy(model: torch.nn.Module, tokenizer, questions: Sequence[MultipleChoice], batch_size: int = 8) -> float:
+def accuracy(
+    model: torch.nn.Module, tokenizer, questions: Sequence[MultipleChoice], batch_size: int = 8
+) -> float:
     """Fraction of questions whose best-scored choice is the gold one."""
     requests = [request for question in questions for request in question.requests()]
     loglik = loglikelihoods(model, tokenizer, requests, batch_size)
