@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from .config import PermLLMConfig
+from .nn.permuted_norm import PermutedOutputNorm
 from .nn.permuted_sparse_linear import PermutedSparseLinear
 from .pipeline.structure import prunable_linears, set_submodule
+from .sparse.permutation import compose
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +81,16 @@ class PermLLMSparsifier:
         return tokenizer
 
     # ------------------------------------------------------------------ loading
-    def convert_model(self, model: nn.Module, module_names: list[str]) -> nn.Module:
-        """Replace the named nn.Linear modules by empty PermutedSparseLinear modules of the same shape."""
+    def convert_model(self, model: nn.Module, module_names: list[str], norm_names: list[str] = ()) -> nn.Module:
+        """Replace the named nn.Linear modules by empty PermutedSparseLinear modules of the same shape, and
+        wrap the named norms in PermutedOutputNorm (their permutations are filled in by the checkpoint)."""
         pattern = self.config.pattern
+        for name in norm_names:
+            norm = model.get_submodule(name)
+            width = norm.weight.shape[0] if getattr(norm, "weight", None) is not None else None
+            if width is None:
+                raise ValueError(f"The checkpoint has a permuted norm {name!r}, but that module has no weight vector.")
+            set_submodule(model, name, PermutedOutputNorm(norm, torch.arange(width)))
         for name in module_names:
             try:
                 linear = model.get_submodule(name)
@@ -99,11 +108,34 @@ class PermLLMSparsifier:
     # ------------------------------------------------------------------ export
     @staticmethod
     def dequantize_model(model: nn.Module) -> nn.Module:
-        """Replace every PermutedSparseLinear by the equivalent dense nn.Linear (zeros in place)."""
+        """Replace every PermutedSparseLinear by the equivalent dense nn.Linear (zeros in place).
+
+        Permutations folded into norms are first moved back into the linears that read them, so that
+        the exported model is a plain one with the original norms."""
+        unfold_norms(model)
         for name, module in list(model.named_modules()):
             if isinstance(module, PermutedSparseLinear):
                 set_submodule(model, name, module.to_linear())
         return model
+
+
+@torch.no_grad()
+def unfold_norms(model: nn.Module) -> None:
+    """Give each PermutedOutputNorm's permutation back to the linears reading it, and unwrap the norm."""
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, PermutedOutputNorm)}
+    if not norms:
+        return
+    from .pipeline.folding import norm_consumers
+
+    device = next(model.parameters()).device
+    probe = torch.zeros(1, 8, dtype=torch.long, device=device)
+    consumers = norm_consumers(model, lambda: model(input_ids=probe, use_cache=False))
+    for name, norm in norms.items():
+        for reader in consumers.get(name, []):
+            layer = model.get_submodule(reader)
+            layer.input_perm.data = compose(norm.output_perm, layer.input_perm)
+            layer.invalidate_cache()
+        set_submodule(model, name, norm.unwrap())
 
 
 def _mark_sparse(model: nn.Module, config: PermLLMConfig) -> None:

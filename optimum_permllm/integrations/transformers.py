@@ -33,7 +33,7 @@ class PermLLMHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if self.pre_quantized:
             names = sparse_layer_names(checkpoint_files, self.quantization_config)
-            self.sparsifier.convert_model(model, names)
+            self.sparsifier.convert_model(model, names, permuted_norm_names(checkpoint_files))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -75,6 +75,12 @@ def sparse_layer_names(checkpoint_files, config: PermLLMConfig) -> list[str]:
             "save it again from the sparse model."
         )
     return sorted(expected | set(names))
+
+
+def permuted_norm_names(checkpoint_files) -> list[str]:
+    """Norms the checkpoint stores with an `output_perm` (permutations folded into the norm)."""
+    keys = _checkpoint_keys(checkpoint_files) or set()
+    return sorted(k[: -len(".output_perm")] for k in keys if k.endswith(".output_perm"))
 
 
 def _checkpoint_keys(checkpoint_files) -> set[str] | None:

@@ -1,10 +1,12 @@
-"""Fold input permutations into the layers that produce those inputs, where that is exact.
+"""Fold input permutations into the modules that produce those inputs, where that is exact.
 
-A linear's input permutation can move into the output rows of the linears that produce its input
-(down_proj's into gate/up, fc2's into fc1): permuting output rows keeps their own N:M pattern intact.
-Candidates are found from the structure (same parent module, matching widths) and every fold is
-checked on real calibration data; a fold that changes the layer's output is undone, so anything that
-cannot be shown safe keeps its run-time gather.
+- Into linears: a linear's input permutation moves into the output rows of the linears that produce
+  its input (down_proj's into gate/up, fc2's into fc1); permuting output rows keeps their N:M pattern.
+- Into norms: q/k/v (or gate/up, fc1) read a norm's output; the norm is wrapped in a
+  PermutedOutputNorm that writes its output already permuted, and the group skips its gather.
+Candidates are found from the structure (same parent module and matching widths; the module whose
+output tensor is the group's input) and every fold is checked on real calibration data: a fold that
+changes the layer's output is undone, so anything that cannot be shown safe keeps its run-time gather.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import torch
 from torch import nn
 
+from ..nn.permuted_norm import PermutedOutputNorm
 from ..nn.permuted_sparse_linear import PermutedSparseLinear
 from ..sparse.permutation import identity_permutation, invert_permutation
 from .capture import CalibrationCache
@@ -80,9 +83,79 @@ def fold_layer_permutations(layer: nn.Module, index: int, cache: CalibrationCach
             permute_output_rows(layer.get_submodule(name), inverse)
         consumer.input_perm.data = perm
         consumer.invalidate_cache()
+    folded += _fold_into_norms(layer, call, sample, reference)
     if folded:
         logger.info("layer %d: folded the input permutation of %s into its producers", index, ", ".join(folded))
     return folded
+
+
+def _fold_into_norms(layer: nn.Module, call, sample: torch.Tensor, reference: torch.Tensor) -> list[str]:
+    """Wrap each norm that feeds a permuted group in a PermutedOutputNorm, keeping only exact folds."""
+    folded = []
+    for norm_name, consumers in norm_consumers(layer, lambda: call.run(layer, sample)).items():
+        modules = [layer.get_submodule(c) for c in consumers]
+        if not all(isinstance(c, PermutedSparseLinear) for c in modules):
+            continue
+        perm = modules[0].input_perm.clone()
+        if modules[0].has_identity_perm() or not all(torch.equal(c.input_perm, perm) for c in modules):
+            continue
+        norm = layer.get_submodule(norm_name)
+        _set_child(layer, norm_name, PermutedOutputNorm(norm, perm))
+        _set_input_perms(modules, identity_permutation(perm.numel(), perm.device))
+        if _same_output(call.run(layer, sample), reference):
+            folded += consumers
+            continue
+        _set_child(layer, norm_name, norm)
+        _set_input_perms(modules, perm)
+    return folded
+
+
+@torch.no_grad()
+def norm_consumers(root: nn.Module, run) -> dict[str, list[str]]:
+    """Which linears read each norm's output, found by running `run()` with hooks (tensor identity).
+
+    Only norms whose output is read by linears and nothing else that was hooked are returned; whether
+    the output also reaches other code is settled by the caller's check of the outputs.
+    """
+    outputs: dict[int, str] = {}
+    readers: dict[str, list[str]] = {}
+    kept_alive = []  # norm outputs stay referenced so no later tensor can reuse their id
+
+    def record_output(module, args, out, name):
+        kept_alive.append(out)
+        outputs[id(out)] = name
+
+    handles = []
+    for name, module in root.named_modules():
+        if _is_norm(module):
+            handles.append(module.register_forward_hook(lambda mod, args, out, name=name: record_output(mod, args, out, name)))
+        elif isinstance(module, (nn.Linear, PermutedSparseLinear)):
+            handles.append(module.register_forward_pre_hook(
+                lambda mod, args, name=name: readers.setdefault(outputs.get(id(args[0]), ""), []).append(name)))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    readers.pop("", None)
+    return {norm: sorted(set(names)) for norm, names in readers.items()}
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """Norm layers: nn.LayerNorm, a PermutedOutputNorm, or a transformers class named *Norm."""
+    name = type(module).__name__
+    return isinstance(module, (nn.LayerNorm, PermutedOutputNorm)) or name.endswith(("RMSNorm", "LayerNorm", "Norm"))
+
+
+def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _set_input_perms(modules: list[PermutedSparseLinear], perm: torch.Tensor) -> None:
+    for module in modules:
+        module.input_perm.data = perm.clone()
+        module.invalidate_cache()
 
 
 def _same_output(output: torch.Tensor, reference: torch.Tensor) -> bool:

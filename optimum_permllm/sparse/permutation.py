@@ -22,6 +22,8 @@ def check_permutation(perm: torch.Tensor, size: int | None = None) -> None:
     size = perm.numel() if size is None else size
     if perm.numel() != size:
         raise ValueError(f"Permutation has {perm.numel()} entries but the layer has {size} input channels.")
+    if perm.is_meta:  # a placeholder before a checkpoint is loaded: no values to check yet
+        return
     seen = torch.zeros(size, dtype=torch.bool, device=perm.device)
     if perm.numel() and (int(perm.min()) < 0 or int(perm.max()) >= size):
         raise ValueError(f"Permutation entries must lie in [0, {size}).")

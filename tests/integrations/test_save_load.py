@@ -144,3 +144,21 @@ def test_loading_without_the_plugin_fails_instead_of_giving_random_weights(tmp_p
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0
     assert "permllm" in result.stderr and "mismatch" in result.stderr.lower()
+
+
+def test_folded_pipeline_model_round_trips_and_dequantizes(family, tmp_path):
+    from optimum_permllm.nn.permuted_norm import PermutedOutputNorm
+    from optimum_permllm.pipeline.layerwise import sparsify_layerwise
+
+    model = tiny_model(family)
+    config = PermLLMConfig(metric="wanda", permutation="heuristic")
+    config.converted_modules = sparsify_layerwise(model, _ids(), config, progress=False)
+    model.config.quantization_config = config
+    reference = model(_ids()).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert sum(isinstance(m, PermutedOutputNorm) for m in loaded.modules()) == 2 * loaded.config.num_hidden_layers
+    assert torch.equal(loaded(_ids()).logits, reference)
+    dense = loaded.dequantize()
+    assert not any(isinstance(m, (PermutedOutputNorm, PermutedSparseLinear)) for m in dense.modules())
+    torch.testing.assert_close(dense(_ids()).logits, reference, rtol=1e-4, atol=1e-5)

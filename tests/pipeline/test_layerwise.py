@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from optimum_permllm import PermLLMConfig, PermutedSparseLinear
+from optimum_permllm.nn.permuted_norm import PermutedOutputNorm
 from optimum_permllm.algorithms import retained_score, wanda_scores
 from optimum_permllm.algorithms.statistics import InputStatistics
 from optimum_permllm.pipeline.capture import capture
@@ -106,7 +107,7 @@ def test_every_linear_is_pruned_and_keeps_its_pattern(family, metric, permutatio
     assert torch.isfinite(model(_ids()).logits).all()
 
 
-def test_folding_keeps_the_logits_and_removes_the_mlp_gathers(family):
+def test_folding_keeps_the_logits_and_removes_all_but_the_attention_output_gathers(family):
     unfolded, folded = tiny_model(family), tiny_model(family)
     for model, fold in ((unfolded, False), (folded, True)):
         sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations=fold), progress=False)
@@ -114,7 +115,10 @@ def test_folding_keeps_the_logits_and_removes_the_mlp_gathers(family):
         torch.testing.assert_close(folded(_ids(seed=5)).logits, unfolded(_ids(seed=5)).logits, rtol=1e-5, atol=1e-5)
     gathers = lambda m: sum(not x.has_identity_perm() for x in m.modules() if isinstance(x, PermutedSparseLinear))  # noqa: E731
     layers = folded.config.num_hidden_layers
-    assert gathers(folded) == gathers(unfolded) - layers  # one MLP down-projection per layer folded
+    assert gathers(unfolded) == sum(isinstance(m, PermutedSparseLinear) for m in unfolded.modules())
+    assert gathers(folded) == layers  # only the attention output projection still gathers
+    norms = [m for m in folded.modules() if isinstance(m, PermutedOutputNorm)]
+    assert len(norms) == 2 * layers  # the norms before attention and MLP write permuted outputs
 
 
 def test_learned_permutation_runs_in_the_pipeline():
