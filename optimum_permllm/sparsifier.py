@@ -139,9 +139,13 @@ def unfold_norms(model: nn.Module) -> None:
 
 
 def _mark_sparse(model: nn.Module, config: PermLLMConfig) -> None:
-    """Set the attributes transformers uses to recognise a quantized model."""
+    """Set what transformers uses to recognise a quantized model (Trainer, dequantize, save_pretrained)."""
+    from .integrations.transformers import PermLLMHfQuantizer
+
     model.is_quantized = True
     model.quantization_method = "permllm"
+    if hasattr(model, "config") and not hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = PermLLMHfQuantizer(config, pre_quantized=True)
 
 
 def sparse_modules(model: nn.Module) -> dict[str, PermutedSparseLinear]:

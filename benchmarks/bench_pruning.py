@@ -1,0 +1,138 @@
+"""Accuracy and cost of every pruning method on one model: perplexity, zero-shot, wall time, peak memory.
+
+Each method runs in its own process (so peak memory is its own) and prints one JSON line; the driver
+collects them into a Markdown table. Example (the figures in BENCHMARKS.md):
+
+    python benchmarks/bench_pruning.py --methods dense magnitude wanda wanda+cp sparsegpt+cp \
+        --sparsity 2:4 --eval-windows 40 --zero-shot-limit 0
+
+A method is METRIC[+cp|+learned[-ot]] ("dense" for the unpruned model), e.g. "ria+cp" or "sparsegpt+learned".
+Protocol (fixed, documented in BENCHMARKS.md): fp32 on the CPU; calibration = the offline Wikipedia
+calibration part, `--num-samples` windows of `--seq-len` tokens, seed 0; perplexity = the first
+`--eval-windows` non-overlapping 512-token windows of the held-out Wikipedia part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def parse_method(method: str) -> dict:
+    """'wanda+cp' -> PermLLMConfig keyword arguments."""
+    if method == "dense":
+        return {}
+    metric, _, perm = method.partition("+")
+    kwargs = {"metric": metric, "permutation": {"": "none", "cp": "heuristic"}.get(perm, "learned")}
+    if perm.startswith("learned"):
+        kwargs["learner"] = "ot" if perm.endswith("-ot") else "sinkhorn"
+        for part in perm.split("-")[1:]:
+            if part in ("layer", "block", "model"):
+                kwargs["scope"] = part
+    return kwargs
+
+
+def run_one(args) -> dict:
+    """Prune and evaluate one method in this process; returns its row."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimum_permllm import PermLLMConfig, PermLLMSparsifier
+    from optimum_permllm.evaluation.perplexity import perplexity
+
+    torch.manual_seed(0)
+    source = args.model or str(_default_model())
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    row = {"method": args.one, "sparsity": args.sparsity if args.one != "dense" else "-", "model": source}
+    start = time.perf_counter()
+    if args.one != "dense":
+        config = PermLLMConfig(sparsity=args.sparsity, num_samples=args.num_samples, seq_len=args.seq_len,
+                               dataset=args.dataset, steps=args.steps, **parse_method(args.one))
+        PermLLMSparsifier(config).sparsify_model(model, tokenizer, progress=False)
+    row["prune_seconds"] = round(time.perf_counter() - start, 1)
+    row["perplexity"] = round(perplexity(model, tokenizer, seq_len=512, max_windows=args.eval_windows), 3)
+    if args.zero_shot_limit:
+        from optimum_permllm.evaluation.zeroshot import zero_shot
+
+        row["zero_shot"] = {k: round(v * 100, 1) for k, v in zero_shot(model, tokenizer, limit=args.zero_shot_limit).items()}
+    row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    return row
+
+
+def _default_model():
+    from optimum_permllm.data.assets import smollm2_model_dir
+
+    return smollm2_model_dir()
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of the rows, with the share of the Wanda gap closed where both ends are present."""
+    dense = next((r["perplexity"] for r in rows if r["method"] == "dense"), None)
+    wanda = next((r["perplexity"] for r in rows if r["method"] == "wanda"), None)
+    lines = ["| method | sparsity | perplexity | gap to Wanda closed | zero-shot avg | prune time (s) | peak RSS (GB) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        closed = "-"
+        if dense is not None and wanda is not None and r["method"] not in ("dense", "wanda") and wanda != dense:
+            closed = f"{100 * (wanda - r['perplexity']) / (wanda - dense):.0f}%"
+        zs = r.get("zero_shot", {}).get("average", "-")
+        lines.append(f"| {r['method']} | {r['sparsity']} | {r['perplexity']:.2f} | {closed} | {zs} | "
+                     f"{r['prune_seconds']} | {r['peak_rss_gb']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=["dense", "magnitude", "wanda", "wanda+cp", "ria", "ria+cp",
+                                                          "sparsegpt", "sparsegpt+cp"])
+    parser.add_argument("--sparsity", default="2:4")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dataset", default=None)
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=None, help="learned-permutation steps (None: default)")
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--zero-shot-limit", type=int, default=0, help="rows per zero-shot task (0: skip)")
+    parser.add_argument("--jsonl", default=None, help="append each row to this file")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args)), flush=True)
+        return
+    rows = []
+    for method in args.methods:
+        command = [sys.executable, __file__, "--one", method] + _forward(argv if argv is not None else sys.argv[1:])
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"{method}: FAILED\n{result.stderr[-2000:]}", file=sys.stderr)
+            continue
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+    print(table(rows))
+
+
+def _forward(argv: list[str]) -> list[str]:
+    """The driver's options minus --methods, passed on to each method's process."""
+    out, skip = [], False
+    for token in argv:
+        if token == "--methods":
+            skip = True
+            continue
+        if skip and token.startswith("--"):
+            skip = False
+        if not skip:
+            out.append(token)
+    return out
+
+
+if __name__ == "__main__":
+    main()
