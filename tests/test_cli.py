@@ -1,0 +1,178 @@
+"""The `permllm` command line on a tiny model: every command, exit codes, atomic outputs, optimum-cli."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from huggingface_hub import HfApi
+from transformers import AutoModelForCausalLM
+
+from optimum_permllm import PermutedSparseLinear, cli
+from optimum_permllm.evaluation.perplexity import perplexity
+from optimum_permllm.sparse import check_nm
+
+from .conftest import tiny_model
+from .data.tiny_text import SENTENCES, tiny_tokenizer
+
+COMMANDS = ["prune", "eval", "export-dense", "info", "push"]
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dense")
+    tokenizer = tiny_tokenizer()
+    tiny_model("qwen2", vocab=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "calibration.txt").write_text(" ".join(SENTENCES * 12))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sparse_dir(dense_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("sparse") / "model-2of4"
+    status = cli.main(["prune", str(dense_dir), "--output", str(output), "--metric", "wanda", "--permutation", "heuristic",
+                       "--dataset", str(dense_dir / "calibration.txt"), "--num-samples", "4", "--seq-len", "32",
+                       "--device", "cpu", "--quiet"])
+    assert status == 0
+    return output
+
+
+def _ids():
+    return tiny_tokenizer()(SENTENCES[2], return_tensors="pt").input_ids
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"permllm {command} " in out
+
+
+def test_main_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(command in out for command in COMMANDS + ["demo"]) and "permllm COMMAND --help" in out
+
+
+def test_prune_writes_a_loadable_sparse_checkpoint_and_no_partial_folder(sparse_dir):
+    model = AutoModelForCausalLM.from_pretrained(sparse_dir)
+    sparse = [m for m in model.modules() if isinstance(m, PermutedSparseLinear)]
+    assert len(sparse) == 14 and all(check_nm(m.permuted_dense_weight(), 2, 4) for m in sparse)
+    assert model.config.quantization_config.metric == "wanda"
+    assert (sparse_dir / "tokenizer.json").is_file()
+    assert [p.name for p in sparse_dir.parent.iterdir()] == [sparse_dir.name]
+
+
+def test_prune_into_an_existing_folder_fails_cleanly(dense_dir, sparse_dir, capsys):
+    assert cli.main(["prune", str(dense_dir), "--output", str(sparse_dir), "--metric", "magnitude",
+                     "--permutation", "none"]) == 1
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["prune", "--output", "x"], ["prune", "model", "--gguf-file", "a.gguf", "--output", "x"],
+                                  ["prune", "m", "--output", "x", "--metric", "bogus"], ["frobnicate"]])
+def test_bad_usage_exits_with_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_invalid_setting_is_one_line_on_stderr_and_exit_1(dense_dir, tmp_path, capsys):
+    assert cli.main(["prune", str(dense_dir), "--output", str(tmp_path / "out"), "--sparsity", "3:2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("permllm prune: error:") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_save_leaves_no_folder(dense_dir, tmp_path, monkeypatch):
+    def broken_save(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(AutoModelForCausalLM.from_pretrained(dense_dir)), "save_pretrained", broken_save)
+    assert cli.main(["prune", str(dense_dir), "--output", str(tmp_path / "out"), "--metric", "magnitude",
+                     "--permutation", "none", "--quiet"]) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_info_lists_layers_patterns_and_sizes(sparse_dir, capsys):
+    assert cli.main(["info", str(sparse_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.mlp.down_proj" in out and "2:4" in out and "14 sparse layers" in out
+    assert cli.main(["info", str(sparse_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    layer = report["layers"]["model.layers.1.self_attn.q_proj"]
+    assert layer["shape"] == [64, 64] and layer["sparsity"] == "2:4" and layer["bytes"] < layer["dense_bytes"]
+    assert report["config"]["permutation"] == "heuristic"
+
+
+def test_info_on_a_dense_model_is_an_error(dense_dir, capsys):
+    assert cli.main(["info", str(dense_dir)]) == 1
+    assert "not a permllm checkpoint" in capsys.readouterr().err
+
+
+def test_export_dense_gives_a_plain_model_with_the_same_logits(sparse_dir, tmp_path):
+    assert cli.main(["export-dense", str(sparse_dir), "--output", str(tmp_path / "dense")]) == 0
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert "quantization_config" not in config
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert not any(isinstance(m, PermutedSparseLinear) for m in plain.modules())
+    sparse = AutoModelForCausalLM.from_pretrained(sparse_dir)
+    torch.testing.assert_close(plain(_ids()).logits, sparse(_ids()).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_eval_writes_perplexity_and_zero_shot_results(sparse_dir, tmp_path, capsys):
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(reversed(SENTENCES)) * 6)
+    output = tmp_path / "results.json"
+    assert cli.main(["eval", str(sparse_dir), "--text", str(text), "--seq-len", "32", "--tasks", "piqa",
+                     "--limit", "3", "--output-json", str(output), "--device", "cpu"]) == 0
+    results = json.loads(output.read_text())
+    model = AutoModelForCausalLM.from_pretrained(sparse_dir)
+    assert results["perplexity"] == pytest.approx(perplexity(model, tiny_tokenizer(), text=text.read_text(), seq_len=32))
+    assert set(results["zero_shot"]) == {"piqa", "average"} and 0 <= results["zero_shot"]["piqa"] <= 1
+    assert "perplexity:" in capsys.readouterr().out
+
+
+def test_push_uploads_through_create_commit(sparse_dir, tmp_path, monkeypatch, capsys):
+    commits = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **k: type("R", (), {"repo_id": repo_id})())
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, repo_id, operations, commit_message, **k:
+                        commits.append((repo_id, sorted(op.path_in_repo for op in operations), commit_message)))
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"perplexity": 12.5}))
+    assert cli.main(["push", str(sparse_dir), "me/tiny-2of4", "--token", "hf_x", "--base-model", "Qwen/Qwen2-0.5B",
+                     "--license", "apache-2.0", "--results", str(results)]) == 0
+    (repo, files, message), = commits
+    assert repo == "me/tiny-2of4" and {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+    assert message.startswith("Upload 2:4 sparse model")
+
+
+@pytest.mark.parametrize("repo, token, message", [("bad//repo", "hf_x", "Invalid Hub repo id"),
+                                                  ("me/ok", None, "huggingface-cli login")])
+def test_push_refuses_bad_repo_or_missing_token(sparse_dir, monkeypatch, capsys, repo, token, message):
+    monkeypatch.setattr("optimum_permllm.hub.get_token", lambda: None)
+    monkeypatch.setattr(HfApi, "create_commit", lambda *a, **k: pytest.fail("uploaded"))
+    argv = ["push", str(sparse_dir), repo] + (["--token", token] if token else [])
+    assert cli.main(argv) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_demo_passes_every_option_to_the_demo(monkeypatch):
+    seen = []
+    monkeypatch.setattr("optimum_permllm.demo.main", lambda argv=None: seen.append(argv))
+    assert cli.main(["demo", "--model", "m", "--permutation", "none", "--help"]) == 0
+    assert seen == [["--model", "m", "--permutation", "none", "--help"]]
+
+
+def test_optimum_cli_finds_the_permllm_command():
+    script = "import sys; from optimum.commands.optimum_cli import main; sys.argv = ['optimum-cli', 'permllm', 'info', '--help']; main()"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "optimum-cli permllm info" in done.stdout and "--json" in done.stdout
