@@ -2,7 +2,9 @@
 
 A permutation is learned on top of an initial hard one (`init_perm`, e.g. RIA-CP) as C/B independent
 B x B block permutations. PermLLM (method="sinkhorn") uses a straight-through estimator: the forward
-pass uses the hard (Hungarian) permutation, the backward pass the gradient of the soft Sinkhorn one.
+pass uses the hard (Hungarian) permutation, the backward pass the gradient of the soft Sinkhorn one;
+the mask's gradient comes from a group-membership surrogate (see _MembershipMask) instead of PermLLM's
+softmax of permuted scores, whose first-order prediction of swap effects we measured to be wrong.
 The optimal-transport variant (method="ot") trains through the soft entropic assignment itself and
 hardens only to evaluate. Everything runs on weight columns, never on tokens: the `layer` objective
 is the exact output error of the pruned layers computed from the input Gram matrix.
@@ -40,6 +42,8 @@ _DEFAULT_SINKHORN_ITERS = {"sinkhorn": 5, "ot": 20}
 # Sigmoid width of the membership surrogate in units of "members above": the gradient lives on the
 # entries one rank either side of the keep/prune boundary (0.25..1.0 measured equally good).
 _MEMBERSHIP_TEMPERATURE = 0.5
+# Rows drawn per step for the membership gradient (its cost is rows * C * B / M); all rows if fewer.
+_MEMBERSHIP_ROWS = 512
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -178,18 +182,20 @@ class _MembershipMask(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, blocks, slots, scores, order, n, m, temperature):
+    def forward(ctx, blocks, slots, scores, order, n, m, temperature, rows=None):
         index = slots.unsqueeze(1).expand_as(scores)
         permuted = torch.empty_like(scores).scatter_(-1, index, scores)  # slot slots[c] holds source c
         mask = torch.gather(nm_mask(permuted, n, m), -1, index)
-        ctx.save_for_backward(slots, order)
+        ctx.save_for_backward(slots, order, rows)
         ctx.settings = (n, m, temperature)
         return mask.to(blocks.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        slots, order = ctx.saved_tensors
+        slots, order, rows = ctx.saved_tensors
         n, m, temperature = ctx.settings
+        if rows is not None:  # an unbiased estimate of the sum over rows from a subset
+            grad, order = grad[:, rows] * (grad.shape[1] / rows.numel()), order[:, rows]
         groups = slots // m
         chunk = max(1, _CHUNK_ELEMENTS // max(1, order.shape[1] * slots.shape[1] ** 2 // m))
         membership = torch.cat(
@@ -198,7 +204,7 @@ class _MembershipMask(torch.autograd.Function):
                 for i in range(0, slots.shape[0], chunk)
             ]
         )
-        return membership.repeat_interleave(m, dim=-1), None, None, None, None, None, None
+        return membership.repeat_interleave(m, dim=-1), None, None, None, None, None, None, None
 
 
 # Bound on the [blocks, out, B, B/m] temporaries of the membership gradient (elements per chunk).
@@ -209,20 +215,20 @@ def _membership_grad(grad, groups, order, n, m, temperature) -> torch.Tensor:
     """d loss / d Z [k, B, B/m] for blocks of mask gradients `grad` [k, out, B] (see _MembershipMask)."""
     k, out, size = grad.shape
     num_groups = size // m
-    # Work in each row's ascending score order: counts and sums over higher/lower scores are cumsums.
-    sorted_groups = torch.gather(groups.unsqueeze(1).expand(k, out, size), -1, order)
-    member = torch.nn.functional.one_hot(sorted_groups, num_groups).to(grad.dtype)  # [k, out, B, Q]
-    cumulative = member.cumsum(dim=2)
-    above = cumulative[:, :, -1:, :] - cumulative  # members of q scoring above this entry
-    keep = torch.sigmoid((n - 0.5 - above) / temperature)
-    sorted_grad = torch.gather(grad, -1, order).unsqueeze(-1)
-    weighted = sorted_grad * member * keep * (1 - keep)
-    below = weighted.cumsum(dim=2) - weighted  # sum over the entries that score lower
-    term = sorted_grad * keep - below / temperature
-    offsets = torch.arange(k, device=grad.device).view(k, 1, 1) * size
-    total = torch.zeros(k * size, num_groups, dtype=grad.dtype, device=grad.device)
-    total.index_add_(0, (order + offsets).reshape(-1), term.reshape(-1, num_groups))
-    return total.view(k, size, num_groups)
+    # Work in each row's ascending score order, groups on dim -2, so that "members of q scoring
+    # above / below" are cumsums along the contiguous last dim.
+    sorted_groups = torch.gather(groups.unsqueeze(1).expand(k, out, size), -1, order).unsqueeze(-2)
+    member = sorted_groups == torch.arange(num_groups, device=grad.device).view(num_groups, 1)  # [k, out, Q, B]
+    # Every group has m members, so "members of q scoring above" is m - (members up to here).
+    keep = member.cumsum(dim=-1, dtype=grad.dtype).mul_(1 / temperature).add_((n - 0.5 - m) / temperature).sigmoid_()
+    sorted_grad = torch.gather(grad, -1, order).unsqueeze(-2)
+    own_keep = torch.gather(keep, -2, sorted_groups)
+    weighted = member * (sorted_grad * own_keep * (1 - own_keep))
+    below = weighted.cumsum(dim=-1).sub_(weighted)  # sum over the members of q that score lower
+    term = keep.mul_(sorted_grad).sub_(below, alpha=1 / temperature)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(size, device=order.device).expand_as(order))
+    unsorted = torch.gather(term, -1, rank.unsqueeze(-2).expand_as(term))  # back to source order
+    return unsorted.sum(dim=1).transpose(-1, -2)  # [k, B, Q]
 
 
 class _GramQuadratic(torch.autograd.Function):
@@ -286,6 +292,8 @@ class _Problem:
     loss_fn: LossFn
     n: int
     m: int
+    generator: torch.Generator | None = None
+    membership_rows: int = _MEMBERSHIP_ROWS
 
     def masked(self, blocks: torch.Tensor) -> list[torch.Tensor]:
         """Pruned weights (original column order) when the blocks permute the columns."""
@@ -298,9 +306,19 @@ class _Problem:
         """The objective for soft or hard blocks (weights and scores permuted by matmul)."""
         return self.loss_fn(self.masked(blocks))
 
+    def _rows(self, blocks: torch.Tensor) -> torch.Tensor | None:
+        """A random subset of rows for the membership gradient, or None for all of them."""
+        out = self.scores.shape[1]
+        if not blocks.requires_grad or out <= self.membership_rows:
+            return None
+        rows = torch.randperm(out, generator=self.generator)[: self.membership_rows]
+        return rows.sort().values.to(self.scores.device)
+
     def hard_loss(self, slots: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """The exact objective of the hard assignment `slots`; gradients reach `blocks` (membership)."""
-        mask = _MembershipMask.apply(blocks, slots, self.scores, self.order, self.n, self.m, _MEMBERSHIP_TEMPERATURE)
+        mask = _MembershipMask.apply(
+            blocks, slots, self.scores, self.order, self.n, self.m, _MEMBERSHIP_TEMPERATURE, self._rows(blocks)
+        )
         restored = from_blocks(self.weights * mask)[:, self.inverse_init]
         return self.loss_fn(list(torch.split(restored, self.splits)))
 
@@ -315,7 +333,7 @@ def learn_permutation(
     method: str = "sinkhorn",
     init_perm: torch.Tensor | None = None,
     block_size: int = 64,
-    steps: int = 100,
+    steps: int = 20,
     lr: float | None = None,
     tau: tuple[float, float] | None = None,
     seed: int = 0,
@@ -348,6 +366,7 @@ def learn_permutation(
         raise ValueError(f"steps must be >= 0, got {steps}.")
     problem = _prepare(weights, gram, feature_norms, n, m, metric, init_perm, block_size, loss_fn)
     generator = torch.Generator().manual_seed(seed)
+    problem.generator = torch.Generator().manual_seed(seed + 1)
     module = BlockPermutation(
         problem.init_perm.numel(), block_size, problem.init_perm.cpu(), generator, optimizer == "adamw", init_bias
     ).to(problem.weights.device)

@@ -1,0 +1,210 @@
+"""Learned block permutations: conventions, straight-through values, the exact layer objective,
+the membership gradient, best tracking, determinism, and a quality check against the heuristic."""
+
+import pytest
+import torch
+
+from optimum_permllm.algorithms import learned_permutation as lp
+from optimum_permllm.algorithms.assignment import assignment_matrix
+from optimum_permllm.algorithms.heuristic_permutation import heuristic_permutation
+from optimum_permllm.algorithms.learned_permutation import (
+    BlockPermutation,
+    LayerObjective,
+    learn_permutation,
+    soft_nm_mask,
+    straight_through,
+)
+from optimum_permllm.algorithms.scores import wanda_scores
+from optimum_permllm.sparse.nm import check_nm, nm_mask
+from optimum_permllm.sparse.permutation import check_permutation
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensor ops on a shared 2-core machine run up to 30x faster on one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_group(channels=32, outs=(16, 8), seed=0, heavy=2, rank=None):
+    """Random layers reading correlated inputs X = Z A with a few heavy channels (LLM outliers)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = 4 * channels
+    rank = rank or channels
+    x = torch.randn(tokens, rank, generator=g) @ torch.randn(rank, channels, generator=g)
+    x = x + 0.3 * torch.randn(tokens, channels, generator=g)
+    scale = torch.ones(channels)
+    scale[torch.randperm(channels, generator=g)[:heavy]] = 20.0
+    x = x * scale
+    weights = [torch.randn(o, channels, generator=g) for o in outs]
+    return weights, x, x.T @ x / tokens, x.norm(dim=0)
+
+
+def pruned(weight, perm, norms, n=2, m=4):
+    """Reference: Wanda N:M pruning of `weight` read in `perm` order, returned in original order."""
+    mask = nm_mask(wanda_scores(weight, norms)[:, perm], n, m)
+    out = torch.empty_like(weight)
+    out[:, perm] = weight[:, perm].masked_fill(~mask, 0)
+    return out
+
+
+def token_loss(weights, x, perm, norms):
+    """Relative output error measured on the tokens themselves."""
+    err = sum(((x @ w.T - x @ pruned(w, perm, norms).T) ** 2).sum() for w in weights)
+    return float(err / sum(((x @ w.T) ** 2).sum() for w in weights))
+
+
+def test_layer_objective_equals_token_error():
+    weights, x, gram, norms = make_group()
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(1))
+    objective = LayerObjective(weights, gram)
+    value = float(objective([pruned(w, perm, norms) for w in weights]))
+    assert value == pytest.approx(token_loss(weights, x, perm, norms), rel=1e-4)
+    assert float(objective(weights)) == 0.0
+
+
+def test_block_size_must_divide_channels():
+    with pytest.raises(ValueError, match="must divide"):
+        BlockPermutation(48, block_size=32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("init_bias", [0.0, 1.0])
+def test_starts_exactly_at_init_perm(seed, init_bias):
+    init = torch.randperm(64, generator=torch.Generator().manual_seed(seed))
+    module = BlockPermutation(64, 16, init, torch.Generator().manual_seed(seed), init_bias=init_bias)
+    assert torch.equal(module.hard(), init)
+    perm, blocks = module(tau=1.0)
+    assert torch.equal(perm, init)
+    assert torch.equal(blocks, torch.eye(16).expand(4, 16, 16))  # straight-through forward is exactly hard
+
+
+def test_block_convention_matches_package_perm():
+    module = BlockPermutation(16, 8, torch.randperm(16, generator=torch.Generator().manual_seed(3)))
+    slots = torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(s)) for s in (4, 5)])
+    w = torch.randn(5, 16)
+    permuted = lp.from_blocks(torch.bmm(lp.to_blocks(w[:, module.init_perm], 8), assignment_matrix(slots)))
+    perm = module.perm_from_blocks(slots)
+    check_permutation(perm, 16)
+    assert torch.equal(permuted, w[:, perm])
+
+
+def test_straight_through_gradient_goes_to_the_soft_blocks():
+    module = BlockPermutation(16, 8, generator=torch.Generator().manual_seed(0))
+    _, blocks = module(tau=0.5)
+    target = torch.randn(2, 8, 8)
+    (blocks * target).sum().backward()
+    soft = module.soft(0.5).detach().requires_grad_(True)
+    (soft * target).sum().backward()
+    assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
+    # the weight gradient equals the soft path's gradient pulled back through the logits
+    logits = module.logits().detach().requires_grad_(True)
+    (lp.log_sinkhorn(logits / 0.5, 5).exp() * target).sum().backward()
+    torch.testing.assert_close(module.weight.grad, logits.grad * module.scale.detach())
+
+
+def test_soft_nm_mask_is_hard_forward_softmax_backward():
+    scores = torch.rand(3, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    mask = soft_nm_mask(scores, 2, 4)
+    assert torch.equal(mask.bool(), nm_mask(scores.detach(), 2, 4))
+    upstream = torch.randn(3, 8)
+    (mask * upstream).sum().backward()
+    reference = scores.detach().clone().requires_grad_(True)
+    (2 * torch.softmax(reference.reshape(3, 2, 4), -1).reshape(3, 8) * upstream).sum().backward()
+    torch.testing.assert_close(scores.grad, reference.grad)
+
+
+def dense_membership_mask(blocks, scores, n, m, temperature):
+    """Reference surrogate with plain autograd: mask[r, c] = sum_q Z[c, q] sigmoid((n - 1/2 - count) / t)."""
+    size = blocks.shape[-1]
+    group_of_slot = torch.zeros(size, size // m)
+    group_of_slot[torch.arange(size), torch.arange(size) // m] = 1
+    z = blocks @ group_of_slot  # [k, B, Q]
+    higher = (scores.unsqueeze(-2) > scores.unsqueeze(-1)).float()  # [k, out, c, c']: c' scores above c
+    count = torch.einsum("krcd,kdq->krcq", higher, z)
+    keep = torch.sigmoid((n - 0.5 - count) / temperature)
+    return torch.einsum("kcq,krcq->krc", z, keep)
+
+
+def test_membership_mask_forward_and_gradient_against_dense_reference():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(2, 5, 8, generator=g)
+    slots = torch.stack([torch.randperm(8, generator=g) for _ in range(2)])
+    blocks = assignment_matrix(slots).requires_grad_(True)
+    order = torch.argsort(scores, dim=-1)
+    mask = lp._MembershipMask.apply(blocks, slots, scores, order, 2, 4, 0.5)
+    permuted = torch.bmm(scores, assignment_matrix(slots))
+    expected = torch.bmm(nm_mask(permuted, 2, 4).float(), assignment_matrix(slots).transpose(1, 2))
+    assert torch.equal(mask, expected)
+    upstream = torch.randn(2, 5, 8, generator=g)
+    (mask * upstream).sum().backward()
+    reference_blocks = assignment_matrix(slots).requires_grad_(True)
+    (dense_membership_mask(reference_blocks, scores, 2, 4, 0.5) * upstream).sum().backward()
+    torch.testing.assert_close(blocks.grad, reference_blocks.grad)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "ot"])
+def test_result_is_valid_exact_and_never_worse_than_init(method):
+    weights, x, gram, norms = make_group(seed=2)
+    init = torch.randperm(32, generator=torch.Generator().manual_seed(7))
+    result = learn_permutation(weights, gram, norms, 2, 4, method=method, init_perm=init, block_size=16, steps=8)
+    check_permutation(result.perm, 32)
+    assert result.init_loss == pytest.approx(token_loss(weights, x, init, norms), rel=1e-4)
+    assert result.best_loss == pytest.approx(token_loss(weights, x, result.perm, norms), rel=1e-4)
+    assert result.best_loss <= result.init_loss and result.best_loss == min(result.history)
+    assert len(result.history) == 9 and all(check_nm(pruned(w, result.perm, norms)[:, result.perm], 2, 4) for w in weights)
+
+
+def test_deterministic_for_a_seed():
+    weights, _, gram, norms = make_group(seed=3)
+    first, second = (learn_permutation(weights, gram, norms, 2, 4, block_size=16, steps=6, seed=5) for _ in range(2))
+    assert torch.equal(first.perm, second.perm) and first.history == second.history
+
+
+def test_custom_loss_gets_pruned_weights_in_original_order_and_callback_can_stop():
+    weights, _, gram, norms = make_group(seed=4)
+    init = torch.randperm(32, generator=torch.Generator().manual_seed(8))
+    seen = []
+
+    def loss_fn(masked):
+        seen.append([w.detach().clone() for w in masked])
+        return sum((w - m).pow(2).sum() for w, m in zip(weights, masked))
+
+    result = learn_permutation(
+        weights, None, norms, 2, 4, init_perm=init, block_size=16, steps=20, loss_fn=loss_fn,
+        callback=lambda step, loss, best: step == 2,
+    )
+    for got, w in zip(seen[0], weights):
+        assert torch.equal(got, pruned(w, init, norms))
+    assert len(result.history) == 4  # steps 0, 1, 2, then the final hardened permutation
+
+
+def test_quality_beats_identity_and_heuristic_on_correlated_inputs():
+    weights, x, gram, norms = make_group(channels=128, outs=(128, 128), seed=0, heavy=8, rank=16)
+    scores = torch.cat([wanda_scores(w, norms) for w in weights])
+    init = heuristic_permutation(scores, 2, 4)
+    identity_loss = token_loss(weights, x, torch.arange(128), norms)
+    result = learn_permutation(weights, gram, norms, 2, 4, init_perm=init, steps=40)
+    assert result.init_loss == pytest.approx(token_loss(weights, x, init, norms), rel=1e-4)
+    assert result.best_loss < 0.98 * min(identity_loss, result.init_loss)
+    assert result.best_loss == pytest.approx(token_loss(weights, x, result.perm, norms), rel=1e-4)
+
+
+def test_rejects_bad_arguments():
+    weights, _, gram, norms = make_group()
+    with pytest.raises(ValueError, match="method"):
+        learn_permutation(weights, gram, norms, 2, 4, method="genetic", block_size=16)
+    with pytest.raises(ValueError, match="multiple of M"):
+        learn_permutation(weights, gram, norms, 2, 4, block_size=2)
+    with pytest.raises(ValueError, match="Gram"):
+        learn_permutation(weights, None, norms, 2, 4, block_size=16)
+    with pytest.raises(ValueError, match="optimizer"):
+        learn_permutation(weights, gram, norms, 2, 4, block_size=16, optimizer="sgd")
+
+
+def test_straight_through_forward_is_bit_exact():
+    hard = torch.tensor([1.0, 0.0, 1.0])
+    soft = torch.tensor([0.3, 0.7, 0.1000001], requires_grad=True)
+    assert torch.equal(straight_through(hard, soft), hard)
