@@ -4,7 +4,7 @@ Each method runs in its own process (so peak memory is its own) and prints one J
 collects them into a Markdown table. Example (the figures in BENCHMARKS.md):
 
     python benchmarks/bench_pruning.py --methods dense magnitude wanda wanda+cp sparsegpt+cp \
-        --sparsity 2:4 --eval-windows 40 --zero-shot-limit 0
+        --sparsity 2:4 --eval-windows 24 --zero-shot-limit 0
 
 A method is METRIC[+cp|+learned[-ot]] ("dense" for the unpruned model), e.g. "ria+cp" or "sparsegpt+learned".
 Protocol (fixed, documented in BENCHMARKS.md): fp32 on the CPU; calibration = the offline Wikipedia
@@ -93,10 +93,10 @@ def main(argv=None):
     parser.add_argument("--sparsity", default="2:4")
     parser.add_argument("--model", default=None)
     parser.add_argument("--dataset", default=None)
-    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=None, help="learned-permutation steps (None: default)")
-    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--zero-shot-limit", type=int, default=0, help="rows per zero-shot task (0: skip)")
     parser.add_argument("--jsonl", default=None, help="append each row to this file")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
