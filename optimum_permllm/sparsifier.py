@@ -35,8 +35,14 @@ class PermLLMSparsifier:
         return cls(PermLLMConfig.from_dict(config_dict))
 
     # ------------------------------------------------------------------ pruning
-    def sparsify_model(self, model: nn.Module, tokenizer: Any = None, progress: bool = True, callback=None) -> nn.Module:
-        """Prune `model` in place and record what was converted in its config; returns the model."""
+    def sparsify_model(self, model: nn.Module, tokenizer: Any = None, progress: bool = True, callback=None,
+                       device=None) -> nn.Module:
+        """Prune `model` in place and record what was converted in its config; returns the model.
+
+        `device` runs the calibration one decoder layer at a time on that device (e.g. "cuda") while the
+        model stays where it is (e.g. on the CPU): models larger than the GPU prune this way.
+        `callback(layer_index, info)` is called after each decoder layer.
+        """
         config = self.config
         if config.needs_calibration:
             from .pipeline.layerwise import sparsify_layerwise
@@ -45,7 +51,7 @@ class PermLLMSparsifier:
             from .data.calibration import get_calibration_data
 
             samples = get_calibration_data(config.dataset, tokenizer, config.num_samples, config.seq_len, config.seed)
-            converted = sparsify_layerwise(model, samples, config, progress=progress, callback=callback)
+            converted = sparsify_layerwise(model, samples, config, progress=progress, callback=callback, device=device)
         else:
             converted = self._magnitude_prune(model)
         config.converted_modules = sorted(converted)

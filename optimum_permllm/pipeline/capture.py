@@ -45,6 +45,23 @@ class CalibrationCache:
     def call_for(self, layer_index: int, hidden: torch.Tensor) -> LayerCall:
         return self.calls[(layer_index, hidden.shape[0])]
 
+    def to(self, device) -> CalibrationCache:
+        """Move the hidden states and every tensor in the recorded calls to `device`."""
+        calls = {key: LayerCall(_move(c.args, device), _move(c.kwargs, device), c.hidden_in_kwargs)
+                 for key, c in self.calls.items()}
+        return CalibrationCache([h.to(device) for h in self.hidden], calls)
+
+
+def _move(value, device):
+    """Tensors (also inside tuples, lists and dicts) moved to `device`; anything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_move(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    return value
+
 
 def _split_call(args: tuple, kwargs: dict) -> tuple[LayerCall, torch.Tensor]:
     """Separate the hidden states from the other arguments of a layer call."""

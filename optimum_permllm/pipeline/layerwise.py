@@ -34,11 +34,14 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, config: PermLLMC
     """Prune every decoder linear of `model` in place; returns the qualified names of converted layers."""
     prefix, layers = find_decoder_layers(model)
     _check_not_offloaded(model)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model_device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else model_device
     _check_samples(samples, model)
     converted: list[str] = []
     with _no_kv_cache(model):
-        cache = capture(model, layers, samples, batch_size, device)
+        cache = capture(model, layers, samples, batch_size, model_device)
+        if device != model_device:
+            cache = cache.to(device)
         bar = tqdm(range(len(layers)), desc="permllm: pruning layers", disable=not progress, unit="layer")
         for index in bar:
             start = time.perf_counter()

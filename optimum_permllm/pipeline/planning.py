@@ -22,6 +22,8 @@ from ..sparse.permutation import identity_permutation
 
 logger = logging.getLogger(__name__)
 
+LSA_BLOCK = 256  # groups per assignment problem in the heuristic permutation of wide layers
+
 
 @dataclass
 class GroupPlan:
@@ -53,7 +55,8 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, config:
     info = {"identity_score": retained_score(scores, identity_permutation(width), n, m)}
     perm = identity_permutation(width, scores.device)
     if config.permutation in ("heuristic", "learned"):
-        perm = heuristic_permutation(scores, n, m)
+        groups = width // m  # wide layers: assignments over blocks of groups (scipy is slow past ~1k groups)
+        perm = heuristic_permutation(scores, n, m, max_groups_per_lsa=LSA_BLOCK if groups > 4 * LSA_BLOCK else None)
         info["heuristic_score"] = retained_score(scores, perm, n, m)
     if config.permutation == "learned":
         perm, learned_info = learn(list(dense.values()), stats, perm)

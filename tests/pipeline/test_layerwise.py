@@ -158,3 +158,19 @@ def test_identity_permutation_helper_matches_plan_for_none():
     weights, stats, _ = _random_group()
     plan = plan_group(weights, stats, PermLLMConfig(permutation="none"))
     assert torch.equal(plan.perm, identity_permutation(64))
+
+
+def test_cache_moves_every_tensor_of_the_recorded_calls():
+    model = tiny_model("llama")
+    _, layers = find_decoder_layers(model)
+    cache = capture(model, layers, _ids(), batch_size=2, device="cpu").to("meta")
+    call = cache.call_for(0, cache.hidden[0])
+    tensors = [t for t in torch.utils._pytree.tree_leaves((call.args, call.kwargs)) if isinstance(t, torch.Tensor)]
+    assert tensors and all(t.is_meta for t in tensors) and all(h.is_meta for h in cache.hidden)
+
+
+def test_explicit_execution_device_gives_the_same_result():
+    a, b = tiny_model("llama"), tiny_model("llama")
+    sparsify_layerwise(a, _ids(), PermLLMConfig(), progress=False)
+    sparsify_layerwise(b, _ids(), PermLLMConfig(), progress=False, device="cpu")
+    assert torch.equal(a(_ids(seed=2)).logits, b(_ids(seed=2)).logits)
