@@ -1,0 +1,31 @@
+"""Fixtures for the example scripts: a tiny dense model folder with the offline tiny tokenizer, and texts."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from ..conftest import tiny_model
+from ..data.tiny_text import SENTENCES, tiny_tokenizer
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def load_example(name: str):
+    """Import examples/<name>.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_dense(tmp_path_factory):
+    """A tiny random Qwen2 and its tokenizer saved as a model folder, plus a training and an evaluation text."""
+    folder = tmp_path_factory.mktemp("tiny-dense")
+    tokenizer = tiny_tokenizer()
+    tiny_model("qwen2", vocab=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "train.txt").write_text(" ".join(SENTENCES) * 20)
+    (folder / "eval.txt").write_text(" ".join(reversed(SENTENCES)) * 8)
+    return folder
