@@ -172,8 +172,6 @@ def test_transformers_trainer_accepts_a_loaded_sparse_model_with_lora(tmp_path):
     assert any(not torch.equal(p, before[n]) for n, p in peft_model.named_parameters() if p.requires_grad)
 
 
-@pytest.mark.xfail(strict=True, reason="sparsifier._mark_sparse sets is_quantized without an hf_quantizer, so "
-                   "transformers' validate_quantization_for_training fails (core fix pending)")
 def test_transformers_trainer_accepts_a_model_sparsified_in_memory(tmp_path):
     model = tiny_model("llama")
     PermLLMSparsifier(PermLLMConfig(metric="magnitude", permutation="none")).sparsify_model(model)
