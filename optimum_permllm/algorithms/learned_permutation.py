@@ -27,6 +27,7 @@ from ..sparse.permutation import check_permutation, identity_permutation, invert
 from .assignment import assignment_matrix, batched_assignment
 from .scores import score_fn
 from .sinkhorn import log_sinkhorn
+from .swap_refinement import refine_swaps
 
 LossFn = Callable[[list[torch.Tensor]], torch.Tensor]
 
@@ -42,6 +43,8 @@ _DEFAULT_SINKHORN_ITERS = {"sinkhorn": 5, "ot": 20}
 # Sigmoid width of the membership surrogate in units of "members above": the gradient lives on the
 # entries one rank either side of the keep/prune boundary (0.25..1.0 measured equally good).
 _MEMBERSHIP_TEMPERATURE = 0.5
+# Rounds of the exact swap search that polishes the Sinkhorn result (each round applies many swaps).
+_DEFAULT_REFINE_ROUNDS = 8
 # Rows drawn per step for the membership gradient (its cost is rows * C * B / M); all rows if fewer.
 _MEMBERSHIP_ROWS = 512
 
@@ -306,6 +309,16 @@ class _Problem:
         """The objective for soft or hard blocks (weights and scores permuted by matmul)."""
         return self.loss_fn(self.masked(blocks))
 
+    def perm_loss(self, perm: torch.Tensor) -> float:
+        """The exact objective of a full permutation that is block-wise on top of init_perm."""
+        blocks, size = self.weights.shape[0], self.weights.shape[-1]
+        sources = self.inverse_init[perm].view(blocks, size)
+        sources = sources - torch.arange(blocks, device=sources.device).unsqueeze(-1) * size
+        if bool(((sources < 0) | (sources >= size)).any()):
+            raise ValueError("perm moves channels between blocks of init_perm; it is not a block-wise permutation.")
+        slots = torch.argsort(sources, dim=-1)  # source c sits in slot slots[c]
+        return float(self.hard_loss(slots, assignment_matrix(slots, dtype=self.weights.dtype)))
+
     def _rows(self, blocks: torch.Tensor) -> torch.Tensor | None:
         """A random subset of rows for the membership gradient, or None for all of them."""
         out = self.scores.shape[1]
@@ -344,6 +357,7 @@ def learn_permutation(
     sinkhorn_iters: int | None = None,
     init_bias: float = 1.0,
     optimizer: str = "normalized",
+    refine_rounds: int = _DEFAULT_REFINE_ROUNDS,
 ) -> LearnResult:
     """Learn one input permutation for the layers `weights` ([out_l, C] each) that share an input.
 
@@ -357,13 +371,16 @@ def learn_permutation(
     most strongly predicted swaps happen first) or "adamw" (SPEC; its per-entry normalisation flips
     many weakly pushed entries at once, which raised the loss from a good init in our measurements).
     `init_bias` (logit units) is added to the diagonal so the first changes need a consistent push.
+    `refine_rounds` rounds of exact greedy swaps (algorithms.swap_refinement, on the Gram objective)
+    then polish the best permutation; with a custom `loss_fn` the polished one is kept only if
+    `loss_fn` prefers it. Needs `gram`; skipped without it.
     """
     if method not in _METHODS:
         raise ValueError(f"Unknown method {method!r}; valid methods: {', '.join(_METHODS)}.")
     if optimizer not in _OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {optimizer!r}; valid optimizers: {', '.join(_OPTIMIZERS)}.")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}.")
+    if steps < 0 or refine_rounds < 0:
+        raise ValueError(f"steps and refine_rounds must be >= 0, got {steps} and {refine_rounds}.")
     problem = _prepare(weights, gram, feature_norms, n, m, metric, init_perm, block_size, loss_fn)
     generator = torch.Generator().manual_seed(seed)
     problem.generator = torch.Generator().manual_seed(seed + 1)
@@ -388,7 +405,20 @@ def learn_permutation(
     with torch.no_grad():
         final = module.hard_blocks()
         tracker.update(module.perm_from_blocks(final), _hard_loss(module, problem, final))
+    if refine_rounds > 0 and gram is not None:
+        _polish(problem, tracker, weights, gram, block_size, refine_rounds, callback, steps)
     return LearnResult(tracker.best_perm.cpu(), tracker.best_loss, tracker.history[0], tracker.history)
+
+
+def _polish(problem, tracker, weights, gram, block_size, rounds, callback, step) -> None:
+    """Refine the best permutation by exact swaps and offer the result to the tracker."""
+    scores = from_blocks(problem.scores)[:, problem.inverse_init]  # original column order
+    refined = refine_swaps(weights, gram, scores, tracker.best_perm, problem.n, problem.m, block_size, rounds)
+    with torch.no_grad():
+        loss = problem.perm_loss(refined.perm.to(problem.init_perm.device))
+    tracker.update(refined.perm.to(problem.init_perm.device), loss)
+    if callback is not None:
+        callback(step, loss, tracker.best_loss)
 
 
 def _prepare(weights, gram, feature_norms, n, m, metric, init_perm, block_size, loss_fn) -> _Problem:

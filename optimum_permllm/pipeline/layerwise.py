@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..config import PermLLMConfig
 from ..nn.permuted_sparse_linear import PermutedSparseLinear
 from .capture import CalibrationCache, capture
+from .distributed import map_across_ranks
 from .planning import GroupPlan, block_size_for, plan_group
 from .statistics import collect_statistics
 from .structure import find_decoder_layers, layer_linears, set_submodule
@@ -48,12 +49,12 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, config: PermLLMC
             layer = layers[index]
             home = next(layer.parameters()).device
             layer.to(device)
-            names, info = _sparsify_layer(layer, index, cache, config, f"{prefix}.{index}")
+            names, info = _sparsify_layer(layer, index, cache, config, f"{prefix}.{index}", layers[index + 1:])
             cache.hidden = [cache.call_for(index, h).run(layer, h) for h in cache.hidden]
             layer.to(home)
             converted += names
             info["seconds"] = time.perf_counter() - start
-            bar.set_postfix_str(f"{info['seconds']:.1f}s/layer")
+            bar.set_postfix_str(_postfix(info))
             logger.info("layer %d: %s", index, _summary(info))
             if callback is not None:
                 callback(index, info)
@@ -62,17 +63,21 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, config: PermLLMC
 
 @torch.no_grad()
 def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, config: PermLLMConfig,
-                    qualified: str) -> tuple[list[str], dict]:
+                    qualified: str, later_layers=()) -> tuple[list[str], dict]:
     """Prune one decoder layer in place; returns the converted names and what was decided per group."""
     linears = layer_linears(layer, config.modules_to_not_convert, layer_name=qualified)
     for name, linear in linears.items():
         config.pattern.check_width(linear.in_features, f"{qualified}.{name}.in_features")
     track_gram = config.metric == "sparsegpt" or config.permutation == "learned"
     stats, groups = collect_statistics(layer, index, cache, linears, track_gram)
-    plans = {}
-    for group in groups:
+    learn = _learner(config, layer, index, cache, later_layers)
+
+    def plan_one(group):  # groups are independent, so under torch.distributed each rank plans a share
         weights = {name: linears[name].weight for name in group}
-        plans[tuple(group)] = plan_group(weights, stats[group[0]], config, learn=_learner(config))
+        group_learn = None if learn is None else (lambda w, s, p: learn(group, w, s, p))
+        return plan_group(weights, stats[group[0]], config, learn=group_learn)
+
+    plans = dict(zip(map(tuple, groups), map_across_ranks(plan_one, groups)))
     for group, plan in plans.items():
         _replace_group(layer, linears, group, plan, config)
     if config.fold_permutations:
@@ -91,25 +96,37 @@ def _replace_group(layer, linears, group, plan: GroupPlan, config: PermLLMConfig
         set_submodule(layer, name, sparse)
 
 
-def _learner(config: PermLLMConfig):
-    """The learned-permutation step for `plan_group`, in the configured scope."""
+def _learner(config: PermLLMConfig, layer: nn.Module, index: int, cache: CalibrationCache, later_layers=()):
+    """The learned-permutation step `learn(group, weights, stats, init_perm)`, in the configured scope."""
     if config.permutation != "learned":
         return None
 
-    def learn(weights, stats, init_perm):
+    def learn(group, weights, stats, init_perm):
         from ..algorithms.learned_permutation import learn_permutation
+        from .scopes import scope_loss_fn
 
         block = block_size_for(weights[0].shape[1], config.block_size, config.pattern.m)
         kwargs = {"steps": config.steps} if config.steps is not None else {}
         with torch.enable_grad():  # the pruning pass runs under no_grad; learning needs gradients
+            loss_fn = scope_loss_fn(config.scope, layer, index, cache, group, later_layers=later_layers)
             result = learn_permutation(weights, stats.gram(), stats.feature_norms(), config.pattern.n,
                                        config.pattern.m,
                                        metric="ria" if config.metric == "ria" else "wanda", method=config.learner,
                                        init_perm=init_perm, block_size=block, lr=config.lr, seed=config.seed,
-                                       **kwargs)
+                                       loss_fn=loss_fn, **kwargs)
         return result.perm, {"init_loss": result.init_loss, "learned_loss": result.best_loss}
 
     return learn
+
+
+def _postfix(info: dict) -> str:
+    """Progress-bar text: seconds per layer and, for learned permutations, the summed loss before -> after."""
+    text = f"{info['seconds']:.1f}s/layer"
+    groups = [g for g in info["groups"].values() if "learned_loss" in g]
+    if groups:
+        before, after = sum(g["init_loss"] for g in groups), sum(g["learned_loss"] for g in groups)
+        text += f", loss {before:.4g}->{after:.4g}"
+    return text
 
 
 def _summary(info: dict) -> str:

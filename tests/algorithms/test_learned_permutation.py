@@ -154,7 +154,7 @@ def test_result_is_valid_exact_and_never_worse_than_init(method):
     assert result.init_loss == pytest.approx(token_loss(weights, x, init, norms), rel=1e-4)
     assert result.best_loss == pytest.approx(token_loss(weights, x, result.perm, norms), rel=1e-4)
     assert result.best_loss <= result.init_loss and result.best_loss == min(result.history)
-    assert len(result.history) == 9 and all(check_nm(pruned(w, result.perm, norms)[:, result.perm], 2, 4) for w in weights)
+    assert len(result.history) == 10 and all(check_nm(pruned(w, result.perm, norms)[:, result.perm], 2, 4) for w in weights)
 
 
 def test_deterministic_for_a_seed():

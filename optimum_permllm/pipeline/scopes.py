@@ -1,0 +1,94 @@
+"""Objectives of the learned permutation beyond one linear group: the `block` and `model` scopes.
+
+Both are `loss_fn`s for `learn_permutation`: they receive the group's candidate pruned weights
+(original column order) and return 1 - cosine similarity, averaged over tokens, between an output
+computed with those weights and the same output of the dense layer, on a few cached calibration
+batches (the inputs of the current layer, i.e. the outputs of the already-pruned previous layers).
+
+- `block`: the decoder layer's output. The layer's OTHER groups stay dense, so every group's problem
+  is independent of the others (same result in any order, and groups can be learned in parallel).
+- `model`: the last hidden states, through the remaining decoder layers (dense) and the final norm
+  when given. Costs (number of remaining layers) times the `block` scope per step.
+
+The weights are substituted with `torch.func.functional_call`, so the model is never modified; the
+model's own parameters are passed detached, so no gradient accumulates in them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .capture import CalibrationCache, LayerCall
+
+SCOPES = ("layer", "block", "model")
+
+
+def run_call(call: LayerCall, layer: nn.Module, hidden: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`LayerCall.run` with `params` (every parameter of `layer`, some substituted) via functional_call."""
+    if call.hidden_in_kwargs:
+        args, kwargs = call.args, {**call.kwargs, "hidden_states": hidden}
+    else:
+        args, kwargs = (hidden, *call.args[1:]), call.kwargs
+    out = torch.func.functional_call(layer, params, args, kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def cosine_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity of the last dimension, averaged over all tokens."""
+    return 1 - torch.nn.functional.cosine_similarity(output.float(), target.float(), dim=-1).mean()
+
+
+class ScopeObjective:
+    """1 - cos(output with the group's candidate weights, dense output), over a few cached batches.
+
+    `names` are the group's linears (qualified inside `layer`); `later` are the decoder layers run
+    after `layer` (empty for the `block` scope) with their indices, and `final_norm` the module applied
+    to the last hidden states (model scope only, optional).
+    """
+
+    def __init__(self, layer: nn.Module, index: int, cache: CalibrationCache, names: Sequence[str],
+                 batches: int = 2, later: Sequence[tuple[int, nn.Module]] = (), final_norm: nn.Module | None = None):
+        if batches < 1 or not cache.hidden:
+            raise ValueError(f"The {len(cache.hidden)} cached batches cannot give batches={batches}; use batches >= 1.")
+        self.layer, self.index, self.names = layer, index, list(names)
+        self.later, self.final_norm = list(later), final_norm
+        self.hidden = cache.hidden[:batches]
+        self.calls = {(i, h.shape[0]): cache.call_for(i, h) for h in self.hidden for i in [index, *[j for j, _ in later]]}
+        self.params = {name: p.detach() for name, p in layer.named_parameters()}
+        with torch.no_grad():
+            self.targets = [self._forward(self.params, h) for h in self.hidden]
+
+    def _forward(self, params: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+        """The scope's output for one batch with the current layer's `params`."""
+        out = run_call(self.calls[(self.index, hidden.shape[0])], self.layer, hidden, params)
+        for j, module in self.later:
+            out = run_call(self.calls[(j, out.shape[0])], module, out,
+                           {name: p.detach() for name, p in module.named_parameters()})
+        return self.final_norm(out) if self.final_norm is not None else out
+
+    def __call__(self, masked_weights: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The mean cosine loss of the candidate pruned weights (original column order)."""
+        if len(masked_weights) != len(self.names):
+            raise ValueError(f"Expected {len(self.names)} weights for {self.names}, got {len(masked_weights)}.")
+        params = dict(self.params)
+        for name, weight in zip(self.names, masked_weights):
+            params[f"{name}.weight"] = weight.to(self.params[f"{name}.weight"].dtype)
+        losses = [cosine_loss(self._forward(params, h), t) for h, t in zip(self.hidden, self.targets)]
+        return torch.stack(losses).mean()
+
+
+def scope_loss_fn(scope: str, layer: nn.Module, index: int, cache: CalibrationCache, names: Sequence[str],
+                  batches: int = 2, later_layers: Sequence[nn.Module] = (), final_norm: nn.Module | None = None):
+    """The `loss_fn` of `scope` for one group, or None for `layer` (learn_permutation's exact Gram objective).
+
+    `later_layers` are all the decoder layers after `index` (used by the `model` scope only).
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"Unknown scope {scope!r}; valid scopes: {', '.join(SCOPES)}.")
+    if scope == "layer":
+        return None
+    later = list(enumerate(later_layers, start=index + 1)) if scope == "model" else []
+    return ScopeObjective(layer, index, cache, names, batches, later, final_norm if scope == "model" else None)
