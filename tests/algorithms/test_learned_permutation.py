@@ -208,3 +208,69 @@ def test_straight_through_forward_is_bit_exact():
     hard = torch.tensor([1.0, 0.0, 1.0])
     soft = torch.tensor([0.3, 0.7, 0.1000001], requires_grad=True)
     assert torch.equal(straight_through(hard, soft), hard)
+
+
+# ---- exact swap refinement (algorithms.swap_refinement) ----
+
+from optimum_permllm.algorithms.swap_refinement import _State, _candidates, _gains, refine_swaps  # noqa: E402
+
+
+def _group_scores(weights, norms):
+    return torch.cat([wanda_scores(w, norms) for w in weights])
+
+
+def test_predicted_swap_gains_equal_the_exact_loss_change():
+    weights, x, gram, norms = make_group(channels=32, outs=(12, 5), seed=3)
+    scores = _group_scores(weights, norms)
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(1))
+    state = _State(torch.cat(weights), gram, scores, perm, 2, 4)
+    candidates = _candidates(32, 16, 4, "cpu")
+    gains = _gains(state, candidates, None) / state.norm
+    for k in range(0, gains.numel(), 7):
+        i, j = (candidates[0][k] * 4 + candidates[1][k]).item(), (candidates[2][k] * 4 + candidates[3][k]).item()
+        assert i // 16 == j // 16 and i // 4 != j // 4  # inside one block, between two N:M groups
+        swapped = perm.clone()
+        swapped[i], swapped[j] = perm[j], perm[i]
+        assert gains[k].item() == pytest.approx(token_loss(weights, x, swapped, norms) - token_loss(weights, x, perm, norms), abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_refinement_never_worsens_and_reports_the_exact_loss(seed):
+    weights, x, gram, norms = make_group(channels=64, outs=(40, 24), seed=seed)
+    init = heuristic_permutation(_group_scores(weights, norms), 2, 4)
+    result = refine_swaps(weights, gram, _group_scores(weights, norms), init, 2, 4, block_size=32, rounds=6, screen_rows=16)
+    check_permutation(result.perm, 64)
+    assert result.loss == pytest.approx(token_loss(weights, x, result.perm, norms), rel=1e-4)
+    assert all(b < a for a, b in zip(result.history, result.history[1:]))
+    assert result.loss <= token_loss(weights, x, init, norms) + 1e-7
+    blocks = lambda p: torch.stack([p[i : i + 32].sort().values for i in (0, 32)])  # noqa: E731
+    assert torch.equal(blocks(result.perm), blocks(init))  # swaps never leave their block
+    again = refine_swaps(weights, gram, _group_scores(weights, norms), init, 2, 4, block_size=32, rounds=6, screen_rows=16)
+    assert torch.equal(result.perm, again.perm)
+
+
+def _swapped(perm, i, j):
+    out = perm.clone()
+    out[i], out[j] = perm[j], perm[i]
+    return out
+
+
+def test_refinement_takes_the_brute_force_best_swap_and_stops_at_a_swap_local_optimum():
+    # 8 channels in two 2:4 groups: all 16 swaps between the groups are enumerated by brute force.
+    weights, x, gram, norms = make_group(channels=8, outs=(6,), seed=5, heavy=1)
+    scores = _group_scores(weights, norms)
+    identity = torch.arange(8)
+    swaps = [(i, j) for i in range(4) for j in range(4, 8)]
+    best_first = min(token_loss(weights, x, _swapped(identity, i, j), norms) for i, j in swaps)
+    one_round = refine_swaps(weights, gram, scores, identity, 2, 4, block_size=8, rounds=1)
+    assert one_round.loss == pytest.approx(min(best_first, token_loss(weights, x, identity, norms)), rel=1e-4)
+    final = refine_swaps(weights, gram, scores, identity, 2, 4, block_size=8, rounds=20)
+    assert all(token_loss(weights, x, _swapped(final.perm, i, j), norms) >= final.loss - 1e-7 for i, j in swaps)
+
+
+def test_learned_permutation_with_refinement_beats_the_heuristic_init():
+    weights, x, gram, norms = make_group(channels=64, outs=(48, 16), seed=4)
+    init = heuristic_permutation(_group_scores(weights, norms), 2, 4)
+    result = learn_permutation(weights, gram, norms, 2, 4, init_perm=init, block_size=32, steps=2, refine_rounds=6)
+    assert result.best_loss < 0.97 * result.init_loss
+    assert result.best_loss == pytest.approx(token_loss(weights, x, result.perm, norms), rel=1e-4)

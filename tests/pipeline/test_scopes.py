@@ -1,0 +1,97 @@
+"""Block and model scope objectives: definition (functional substitution == editing the layer), zero at
+the dense weights, gradients reach only the candidate weights, and learning never loses on the scope."""
+
+import copy
+
+import pytest
+import torch
+
+from optimum_permllm.algorithms.learned_permutation import learn_permutation
+from optimum_permllm.algorithms.heuristic_permutation import heuristic_permutation
+from optimum_permllm.algorithms.scores import wanda_scores
+from optimum_permllm.pipeline.capture import capture
+from optimum_permllm.pipeline.scopes import cosine_loss, scope_loss_fn
+from optimum_permllm.pipeline.structure import find_decoder_layers
+from optimum_permllm.sparse.nm import nm_mask
+
+from ..conftest import tiny_model
+
+GROUP = ["mlp.gate_proj", "mlp.up_proj"]
+
+
+@pytest.fixture
+def setup():
+    model = tiny_model("llama", layers=3)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    _, layers = find_decoder_layers(model)
+    cache = capture(model, layers, ids, batch_size=1, device="cpu")
+    return model, layers, cache
+
+
+def _pruned(layer):
+    weights = [layer.get_submodule(name).weight.detach() for name in GROUP]
+    return [w.masked_fill(~nm_mask(w.abs(), 2, 4), 0) for w in weights]
+
+
+def _reference(layers, cache, index, pruned, through):
+    """Edit a copy of the layers and run them: 1 - cos against the untouched dense run."""
+    edited = copy.deepcopy(layers)
+    with torch.no_grad():
+        for name, w in zip(GROUP, pruned):
+            edited[index].get_submodule(name).weight.copy_(w)
+        losses = []
+        for h in cache.hidden[:2]:
+            out, ref = h, h
+            for j in range(index, through + 1):
+                out = cache.call_for(j, out).run(edited[j], out)
+                ref = cache.call_for(j, ref).run(layers[j], ref)
+            losses.append(cosine_loss(out, ref))
+    return float(torch.stack(losses).mean())
+
+
+@pytest.mark.parametrize("scope", ["block", "model"])
+def test_scope_loss_is_the_cosine_loss_of_the_edited_layer(setup, scope):
+    model, layers, cache = setup
+    loss_fn = scope_loss_fn(scope, layers[0], 0, cache, GROUP, batches=2, later_layers=layers[1:])
+    dense = [layers[0].get_submodule(name).weight.detach() for name in GROUP]
+    assert float(loss_fn(dense)) == pytest.approx(0.0, abs=1e-6)
+    through = 0 if scope == "block" else len(layers) - 1
+    value = float(loss_fn(_pruned(layers[0])))
+    assert value > 1e-5 and value == pytest.approx(_reference(layers, cache, 0, _pruned(layers[0]), through), rel=1e-4)
+
+
+def test_gradients_reach_the_candidates_and_never_the_model(setup):
+    model, layers, cache = setup
+    loss_fn = scope_loss_fn("model", layers[0], 0, cache, GROUP, later_layers=layers[1:])
+    candidates = [w.clone().requires_grad_(True) for w in _pruned(layers[0])]
+    loss_fn(candidates).backward()
+    assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in candidates)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_layer_scope_uses_the_gram_objective_and_unknown_scopes_fail(setup):
+    _, layers, cache = setup
+    assert scope_loss_fn("layer", layers[0], 0, cache, GROUP) is None
+    with pytest.raises(ValueError, match="valid scopes"):
+        scope_loss_fn("global", layers[0], 0, cache, GROUP)
+
+
+def test_learning_on_the_block_scope_never_loses_to_its_init(setup):
+    torch.set_num_threads(1)
+    _, layers, cache = setup
+    layer = layers[1]
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    gram, norms = x.T @ x / 64, x.norm(dim=0)
+    weights = [layer.get_submodule(name).weight.detach() for name in GROUP]
+    init = heuristic_permutation(torch.cat([wanda_scores(w, norms) for w in weights]), 2, 4)
+    loss_fn = scope_loss_fn("block", layer, 1, cache, GROUP)
+    result = learn_permutation(weights, gram, norms, 2, 4, init_perm=init, block_size=32, steps=3, refine_rounds=2,
+                               loss_fn=loss_fn)
+    assert result.best_loss <= result.init_loss
+    pruned = []
+    for w in weights:
+        mask = nm_mask(wanda_scores(w, norms)[:, result.perm], 2, 4)
+        out = torch.empty_like(w)
+        out[:, result.perm] = w[:, result.perm].masked_fill(~mask, 0)
+        pruned.append(out)
+    assert result.best_loss == pytest.approx(float(loss_fn(pruned)), rel=1e-4, abs=1e-7)
