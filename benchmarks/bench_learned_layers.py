@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20, help="Sinkhorn-phase steps of the sinkhorn/ot rows")
-    parser.add_argument("--refine-rounds", type=int, default=8, help="swap rounds of the refine row")
+    parser.add_argument("--refine-rounds", type=int, default=5, help="swap rounds of the refine row")
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--cache", type=Path, default=None, help="save/load the collected statistics here")
     args = parser.parse_args(argv)

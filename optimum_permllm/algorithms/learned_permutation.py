@@ -44,7 +44,7 @@ _DEFAULT_SINKHORN_ITERS = {"sinkhorn": 5, "ot": 20}
 # entries one rank either side of the keep/prune boundary (0.25..1.0 measured equally good).
 _MEMBERSHIP_TEMPERATURE = 0.5
 # Rounds of the exact swap search that polishes the Sinkhorn result (each round applies many swaps).
-_DEFAULT_REFINE_ROUNDS = 8
+_DEFAULT_REFINE_ROUNDS = 5
 # Rows drawn per step for the membership gradient (its cost is rows * C * B / M); all rows if fewer.
 _MEMBERSHIP_ROWS = 512
 

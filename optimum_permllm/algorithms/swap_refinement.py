@@ -21,7 +21,7 @@ from ..sparse.permutation import check_permutation
 # Elements of the [rows, candidates, 2M] temporaries evaluated at once (bounds the memory to ~100 MB).
 _CHUNK_ELEMENTS = 1 << 22
 # Candidates per N:M group that survive the row-sampled screening and are scored exactly.
-_SCREEN_KEEP_PER_GROUP = 4
+_SCREEN_KEEP_PER_GROUP = 3
 # Rounds between two screenings; in between, the shortlist is re-scored exactly (gains shift as swaps land).
 _RESCREEN_EVERY = 4
 # A round stops the search when it gains less than this fraction of the current loss.
