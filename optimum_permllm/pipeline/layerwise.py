@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 LayerCallback = Callable[[int, dict], None]
 
 
+@torch.no_grad()
 def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, config: PermLLMConfig, progress: bool = True,
                        callback: LayerCallback | None = None, device=None, batch_size: int = 1) -> list[str]:
     """Prune every decoder linear of `model` in place; returns the qualified names of converted layers."""

@@ -174,3 +174,11 @@ def test_explicit_execution_device_gives_the_same_result():
     sparsify_layerwise(a, _ids(), PermLLMConfig(), progress=False)
     sparsify_layerwise(b, _ids(), PermLLMConfig(), progress=False, device="cpu")
     assert torch.equal(a(_ids(seed=2)).logits, b(_ids(seed=2)).logits)
+
+
+def test_pruning_builds_no_autograd_graph():
+    """Activations recomputed between layers must not keep a graph (it held every layer's activations)."""
+    states = []
+    sparsify_layerwise(tiny_model("llama"), _ids(), PermLLMConfig(), progress=False,
+                       callback=lambda index, info: states.append(torch.is_grad_enabled()))
+    assert states == [False, False]
