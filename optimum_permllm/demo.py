@@ -18,7 +18,9 @@ import torch
 
 from .config import PermLLMConfig
 
-DEMO_CALIBRATION = {"num_samples": 32, "seq_len": 512}  # small enough for a 2-core CPU in minutes
+# Small enough for a 2-core CPU in minutes; the same protocol as benchmarks/bench_pruning.py.
+DEMO_CALIBRATION = {"num_samples": 16, "seq_len": 512}
+DEMO_EVAL_WINDOWS = 24  # first 24 x 512 tokens of the held-out text (None: all 222 windows, ~10 min more)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default=None, help="calibration text (default: offline Wikipedia)")
     parser.add_argument("--num-samples", type=int, default=DEMO_CALIBRATION["num_samples"])
     parser.add_argument("--seq-len", type=int, default=DEMO_CALIBRATION["seq_len"])
-    parser.add_argument("--eval-windows", type=int, default=None, help="limit perplexity to this many 512-token windows")
+    parser.add_argument("--eval-windows", type=int, default=DEMO_EVAL_WINDOWS,
+                        help="perplexity on this many 512-token windows of the held-out text (0: all)")
     parser.add_argument("--output", default="permllm-demo-checkpoint")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
@@ -48,7 +51,8 @@ def main(argv=None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(args.device).eval()
     report = {"model": source, "device": args.device}
-    ppl = lambda m: perplexity(m, tokenizer, seq_len=512, max_windows=args.eval_windows)  # noqa: E731
+    windows = args.eval_windows or None
+    ppl = lambda m: perplexity(m, tokenizer, seq_len=512, max_windows=windows)  # noqa: E731
     report["dense_perplexity"] = _timed(report, "dense_eval_seconds", ppl, model)
     print(f"dense perplexity: {report['dense_perplexity']:.2f}", flush=True)
 

@@ -4,3 +4,7 @@ from .heuristic_permutation import heuristic_permutation, quantile_deal, retaine
 from .scores import magnitude_scores, ria_scores, score_fn, wanda_scores
 from .sparsegpt import sparsegpt_prune
 from .statistics import InputStatistics
+from .assignment import batched_assignment
+from .learned_permutation import BlockPermutation, LayerObjective, LearnResult, learn_permutation
+from .sinkhorn import log_sinkhorn
+from .swap_refinement import refine_swaps
