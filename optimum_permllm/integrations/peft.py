@@ -137,6 +137,3 @@ def register() -> None:
     current = lora_model.LoraModel.__dict__["_create_new_module"].__func__
     if not getattr(current, _MARK, False):
         lora_model.LoraModel._create_new_module = staticmethod(_with_permllm_dispatch(current))
-
-
-register()
