@@ -7,19 +7,10 @@ import pytest
 import torch
 
 from optimum_permllm.evaluation import perplexity
-from tests.data.tiny_text import SENTENCES, tiny_llama, tiny_tokenizer
+from tests.data.tiny_text import SENTENCES, tiny_llama
 
 TEXT = " ".join(SENTENCES * 3)
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_llama(len(tokenizer))
 
 
 def brute_force_ppl(model, ids, seq_len, stride):

