@@ -35,3 +35,13 @@ def family(request):
 @pytest.fixture
 def tiny_llama():
     return tiny_model("llama")
+
+
+def save_tiny_dense(folder, family: str = "qwen2"):
+    """Save a tiny random model with the offline tiny tokenizer as a model folder; returns the tokenizer."""
+    from .data.tiny_text import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tiny_model(family, vocab=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return tokenizer

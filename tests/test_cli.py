@@ -13,7 +13,7 @@ from optimum_permllm import PermutedSparseLinear, cli
 from optimum_permllm.evaluation.perplexity import perplexity
 from optimum_permllm.sparse import check_nm
 
-from .conftest import tiny_model
+from .conftest import save_tiny_dense
 from .data.tiny_text import SENTENCES, tiny_tokenizer
 
 COMMANDS = ["prune", "eval", "export-dense", "info", "push"]
@@ -22,9 +22,7 @@ COMMANDS = ["prune", "eval", "export-dense", "info", "push"]
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dense")
-    tokenizer = tiny_tokenizer()
-    tiny_model("qwen2", vocab=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_dense(folder)
     (folder / "calibration.txt").write_text(" ".join(SENTENCES * 12))
     return folder
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import tiny_model
-from ..data.tiny_text import SENTENCES, tiny_tokenizer
+from ..conftest import save_tiny_dense
+from ..data.tiny_text import SENTENCES
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 
@@ -23,9 +23,7 @@ def load_example(name: str):
 def tiny_dense(tmp_path_factory):
     """A tiny random Qwen2 and its tokenizer saved as a model folder, plus a training and an evaluation text."""
     folder = tmp_path_factory.mktemp("tiny-dense")
-    tokenizer = tiny_tokenizer()
-    tiny_model("qwen2", vocab=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_dense(folder)
     (folder / "train.txt").write_text(" ".join(SENTENCES) * 20)
     (folder / "eval.txt").write_text(" ".join(reversed(SENTENCES)) * 8)
     return folder

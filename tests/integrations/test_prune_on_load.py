@@ -7,18 +7,14 @@ from transformers import AutoModelForCausalLM
 from optimum_permllm import PermLLMConfig, PermLLMSparsifier, PermutedSparseLinear
 from optimum_permllm.sparse import check_nm
 
-from ..data.tiny_text import SENTENCES, tiny_tokenizer
-from ..conftest import tiny_model
+from ..data.tiny_text import SENTENCES
+from ..conftest import save_tiny_dense, tiny_model
 
 TEXT = [" ".join(SENTENCES) * 4] * 8
 
 
 def _dense_checkpoint(tmp_path):
-    tokenizer = tiny_tokenizer()
-    model = tiny_model("qwen2", vocab=len(tokenizer))
-    model.save_pretrained(tmp_path / "dense")
-    tokenizer.save_pretrained(tmp_path / "dense")
-    return tmp_path / "dense", tokenizer
+    return tmp_path / "dense", save_tiny_dense(tmp_path / "dense")
 
 
 def test_prune_on_load_with_calibration_then_save_and_reload(tmp_path):
