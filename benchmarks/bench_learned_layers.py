@@ -39,12 +39,12 @@ def load_model():
 
 
 @torch.no_grad()
-def collect(model, tokenizer, layers: list[int], num_samples: int, seq_len: int) -> dict:
+def collect(model, tokenizer, layers: list[int], num_samples: int, seq_len: int, source=None) -> dict:
     """Per layer: {'groups': {leader: (weights, gram, norms)}, 'inputs': [(args, kwargs)] of the layer call}."""
     from optimum_permllm.algorithms.statistics import InputStatistics
     from optimum_permllm.data.calibration import get_calibration_data
 
-    samples = get_calibration_data(None, tokenizer, num_samples, seq_len)
+    samples = get_calibration_data(source, tokenizer, num_samples, seq_len)
     decoder = model.model.layers
     stats = {(i, g): None for i in layers for g in GROUPS}
     inputs = {i: [] for i in layers}
@@ -132,6 +132,8 @@ def main(argv=None) -> None:
     parser.add_argument("--refine-rounds", type=int, default=5, help="swap rounds of the refine row")
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--cache", type=Path, default=None, help="save/load the collected statistics here")
+    parser.add_argument("--heldout", action="store_true",
+                        help="also score every permutation on Gram matrices from the held-out text (over-fitting check)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.cache is not None and args.cache.exists():
@@ -139,8 +141,14 @@ def main(argv=None) -> None:
     else:
         model, tokenizer = load_model()
         data = collect(model, tokenizer, args.layers, args.num_samples, args.seq_len)
+        if args.heldout:
+            from optimum_permllm.data.calibration import get_evaluation_text
+
+            held = collect(model, tokenizer, args.layers, args.num_samples, args.seq_len, [get_evaluation_text()])
+            for i in args.layers:
+                data[i]["heldout"] = {k: g for k, (_, g, _) in held[i]["groups"].items()}
         if args.cache is not None:
-            torch.save({i: {"groups": d["groups"]} for i, d in data.items()}, args.cache)
+            torch.save({i: {k: v for k, v in d.items() if k != "inputs"} for i, d in data.items()}, args.cache)
     print("| layer | group | " + " | ".join(args.methods) + " | gain vs heuristic |")
     print("|---|---|" + "---|" * (len(args.methods) + 1))
     for index in args.layers:
@@ -152,7 +160,10 @@ def main(argv=None) -> None:
                 perm = run_method(method, weights, gram, norms, init, args)
                 seconds = time.perf_counter() - start
                 losses[method] = layer_loss(weights, gram, norms, perm)
-                cells.append(f"{losses[method]:.5f} ({seconds:.1f}s)")
+                cell = f"{losses[method]:.5f} ({seconds:.1f}s)"
+                if "heldout" in data[index]:  # masks still from calibration norms; error on held-out inputs
+                    cell += f" / held-out {layer_loss(weights, data[index]['heldout'][leader], norms, perm):.5f}"
+                cells.append(cell)
             best = min(v for k, v in losses.items() if k not in ("identity", "heuristic"))
             gain = 100 * (losses["heuristic"] - best) / losses["heuristic"] if "heuristic" in losses else float("nan")
             print(f"| {index} | {leader.split('.')[-1]} | " + " | ".join(cells) + f" | {gain:.1f}% |", flush=True)
