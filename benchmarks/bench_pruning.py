@@ -6,7 +6,8 @@ collects them into a Markdown table. Example (the figures in BENCHMARKS.md):
     python benchmarks/bench_pruning.py --methods dense magnitude wanda wanda+cp sparsegpt+cp \
         --sparsity 2:4 --eval-windows 24 --zero-shot-limit 0
 
-A method is METRIC[+cp|+learned[-ot]] ("dense" for the unpruned model), e.g. "ria+cp" or "sparsegpt+learned".
+A method is METRIC[+cp|+learned[-ot][-block|-model]] ("dense" for the unpruned model), e.g. "ria+cp",
+"sparsegpt+learned" or "wanda+learned-ot-block".
 Protocol (fixed, documented in BENCHMARKS.md): fp32 on the CPU; calibration = the offline Wikipedia
 calibration part, `--num-samples` windows of `--seq-len` tokens, seed 0; perplexity = the first
 `--eval-windows` non-overlapping 512-token windows of the held-out Wikipedia part.
@@ -29,10 +30,9 @@ def parse_method(method: str) -> dict:
     metric, _, perm = method.partition("+")
     kwargs = {"metric": metric, "permutation": {"": "none", "cp": "heuristic"}.get(perm, "learned")}
     if perm.startswith("learned"):
-        kwargs["learner"] = "ot" if perm.endswith("-ot") else "sinkhorn"
-        for part in perm.split("-")[1:]:
-            if part in ("layer", "block", "model"):
-                kwargs["scope"] = part
+        options = perm.split("-")[1:]  # e.g. learned-ot-block
+        kwargs["learner"] = "ot" if "ot" in options else "sinkhorn"
+        kwargs.update({"scope": part for part in options if part in ("layer", "block", "model")})
     return kwargs
 
 
