@@ -42,10 +42,11 @@ def run_one(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_permllm import PermLLMConfig, PermLLMSparsifier
+    from optimum_permllm.data.assets import smollm2_model_dir
     from optimum_permllm.evaluation.perplexity import perplexity
 
     torch.manual_seed(0)
-    source = args.model or str(_default_model())
+    source = args.model or str(smollm2_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     row = {"method": args.one, "sparsity": args.sparsity if args.one != "dense" else "-", "model": source}
@@ -62,12 +63,6 @@ def run_one(args) -> dict:
         row["zero_shot"] = {k: round(v * 100, 1) for k, v in zero_shot(model, tokenizer, limit=args.zero_shot_limit).items()}
     row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return row
-
-
-def _default_model():
-    from optimum_permllm.data.assets import smollm2_model_dir
-
-    return smollm2_model_dir()
 
 
 def table(rows: list[dict]) -> str:

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from optimum_permllm import PermLLMConfig, PermutedSparseLinear
 from optimum_permllm.data.calibration import get_calibration_data, get_evaluation_text
+from optimum_permllm.data.assets import smollm2_model_dir
 from optimum_permllm.evaluation.perplexity import perplexity
 
 
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_sparse_model(args):
     """The sparse model and its tokenizer: loaded as is, or pruned on load from a dense model."""
-    source = args.model or str(_default_model())
+    source = args.model or str(smollm2_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(source)
     quantization = getattr(AutoConfig.from_pretrained(source), "quantization_config", None)
     kwargs = {}
@@ -126,12 +127,6 @@ def main(argv=None) -> dict:
         report["output"] = args.output
     print(json.dumps(report, indent=2))
     return report
-
-
-def _default_model():
-    from optimum_permllm.data.assets import smollm2_model_dir
-
-    return smollm2_model_dir()
 
 
 if __name__ == "__main__":

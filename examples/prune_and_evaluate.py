@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_permllm import PermLLMConfig, PermLLMSparsifier, sparsity_report
 from optimum_permllm.data.calibration import get_evaluation_text
+from optimum_permllm.data.assets import smollm2_model_dir
 from optimum_permllm.evaluation.perplexity import perplexity
 
 
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    source = args.model or str(_default_model())
+    source = args.model or str(smollm2_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(args.device).eval()
     text = get_evaluation_text(args.eval_text)
@@ -58,12 +59,6 @@ def main(argv=None) -> dict:
     report["output"] = args.output
     print(json.dumps(report, indent=2))
     return report
-
-
-def _default_model():
-    from optimum_permllm.data.assets import smollm2_model_dir
-
-    return smollm2_model_dir()
 
 
 if __name__ == "__main__":

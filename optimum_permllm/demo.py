@@ -45,10 +45,11 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .data.assets import smollm2_model_dir
     from .evaluation.perplexity import perplexity
     from .sparsifier import PermLLMSparsifier
 
-    source = args.model or str(_default_model())
+    source = args.model or str(smollm2_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(args.device).eval()
     report = {"model": source, "device": args.device}
@@ -78,12 +79,6 @@ def main(argv=None) -> dict:
     print(f"generation: {report['generation']!r}")
     print(json.dumps(report, indent=2))
     return report
-
-
-def _default_model() -> Path:
-    from .data.assets import smollm2_model_dir
-
-    return smollm2_model_dir()
 
 
 def _timed(report: dict, key: str, fn, *args):
