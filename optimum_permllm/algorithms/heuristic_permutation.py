@@ -12,7 +12,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ..sparse.nm import NMPattern
-from ..sparse.permutation import check_permutation, identity_permutation
+from ..sparse.permutation import check_permutation, expand_head_blocks, identity_permutation
 
 
 def retained_score(scores: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> float:
@@ -50,6 +50,26 @@ def heuristic_permutation(
         if current_score <= round_start:
             break
     return current if current_score > best_score else best
+
+
+def head_shared_permutation(scores: torch.Tensor, num_heads: int, num_kv_heads: int, n: int, m: int) -> torch.Tensor:
+    """`heuristic_permutation` restricted to moves inside each attention head, shared by a KV head's query heads.
+
+    Such a permutation of o_proj's input can be folded into v_proj's rows. Query heads sharing a KV
+    head must be permuted alike, so their score columns are stacked as extra rows of one [rows, head_dim]
+    problem per KV head; the retained score of the whole layer is the sum of those problems' scores.
+    """
+    width = scores.shape[-1]
+    if num_heads % num_kv_heads != 0 or width % num_heads != 0 or (width // num_heads) % m != 0:
+        raise ValueError(
+            f"A head-shared permutation needs {num_heads} heads dividing the width {width} into heads of a "
+            f"multiple of M={m} channels, and {num_kv_heads} KV heads dividing {num_heads}."
+        )
+    head_dim = width // num_heads
+    per_head = scores.reshape(scores.shape[0], num_heads, head_dim).transpose(0, 1)  # [heads, out, head_dim]
+    stacked = per_head.reshape(num_kv_heads, -1, head_dim)  # query heads of one KV head stacked as rows
+    blocks = torch.stack([heuristic_permutation(problem, n, m) for problem in stacked])
+    return expand_head_blocks(blocks, num_heads)
 
 
 def quantile_deal(scores: torch.Tensor, m: int) -> torch.Tensor:

@@ -4,6 +4,9 @@
   its input (down_proj's into gate/up, fc2's into fc1); permuting output rows keeps their N:M pattern.
 - Into norms: q/k/v (or gate/up, fc1) read a norm's output; the norm is wrapped in a
   PermutedOutputNorm that writes its output already permuted, and the group skips its gather.
+- Into value rows: an attention output projection (o_proj, out_proj) whose permutation keeps every
+  channel inside its head, alike for the query heads of one KV head, moves into v_proj's rows (the
+  attention output of a head is a weighted sum of its value rows, so it comes out permuted).
 Candidates are found from the structure (same parent module and matching widths; the module whose
 output tensor is the group's input) and every fold is checked on real calibration data: a fold that
 changes the layer's output is undone, so anything that cannot be shown safe keeps its run-time gather.
@@ -18,7 +21,8 @@ from torch import nn
 
 from ..nn.permuted_norm import PermutedOutputNorm
 from ..nn.permuted_sparse_linear import PermutedSparseLinear
-from ..sparse.permutation import identity_permutation, invert_permutation
+from ..sparse.permutation import (head_shared_blocks, identity_permutation, invert_permutation,
+                                  kv_rows_permutation)
 from .capture import CalibrationCache
 
 logger = logging.getLogger(__name__)
@@ -54,14 +58,41 @@ def mlp_fold_candidates(layer: nn.Module) -> list[tuple[str, list[str]]]:
     return pairs
 
 
+def head_fold_candidates(layer: nn.Module, heads: tuple[int, int, int] | None,
+                         groups: list[list[str]]) -> list[tuple[str, list[str]]]:
+    """(consumer, producers) pairs: a linear reading num_heads * head_dim channels and its siblings that
+    write num_kv_heads * head_dim channels from another input (v_proj, and k_proj, which the check rejects)."""
+    if heads is None:
+        return []
+    num_heads, num_kv_heads, head_dim = heads
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, (nn.Linear, PermutedSparseLinear))}
+    group_of = {name: tuple(group) for group in groups for name in group}
+    pairs = []
+    for name, module in linears.items():
+        if module.in_features != num_heads * head_dim:
+            continue
+        parent = name.rpartition(".")[0]
+        producers = [other for other, m in linears.items()
+                     if other.rpartition(".")[0] == parent and m.out_features == num_kv_heads * head_dim
+                     and group_of.get(other, (other,)) != group_of.get(name, (name,))]
+        if producers:
+            pairs.append((name, producers))
+    return pairs
+
+
 def _reads_other_input(producer: nn.Module, consumer: PermutedSparseLinear) -> bool:
     """A producer cannot be one of the consumer's own input siblings (same width in and out)."""
     return producer.in_features != consumer.in_features or producer.out_features != consumer.out_features
 
 
 @torch.no_grad()
-def fold_layer_permutations(layer: nn.Module, index: int, cache: CalibrationCache) -> list[str]:
-    """Fold every verifiable input permutation of `layer` into its producers; returns the folded consumers."""
+def fold_layer_permutations(layer: nn.Module, index: int, cache: CalibrationCache,
+                            heads: tuple[int, int, int] | None = None, groups: list[list[str]] = ()) -> list[str]:
+    """Fold every verifiable input permutation of `layer` into its producers; returns the folded consumers.
+
+    `heads` (num_heads, num_kv_heads, head_dim) and the layer's input-sharing `groups` enable the fold of
+    head-shaped attention-output permutations into the value projection.
+    """
     if not cache.hidden:
         return []
     sample = cache.hidden[0]
@@ -84,8 +115,33 @@ def fold_layer_permutations(layer: nn.Module, index: int, cache: CalibrationCach
         consumer.input_perm.data = perm
         consumer.invalidate_cache()
     folded += _fold_into_norms(layer, call, sample, reference)
+    folded += _fold_into_values(layer, head_fold_candidates(layer, heads, list(groups)), heads, call, sample, reference)
     if folded:
         logger.info("layer %d: folded the input permutation of %s into its producers", index, ", ".join(folded))
+    return folded
+
+
+def _fold_into_values(layer: nn.Module, pairs, heads, call, sample: torch.Tensor, reference: torch.Tensor) -> list[str]:
+    """Move head-shaped attention-output permutations into the rows of the producer that verifies (v_proj)."""
+    folded = []
+    for consumer_name, producers in pairs:
+        consumer = layer.get_submodule(consumer_name)
+        if not isinstance(consumer, PermutedSparseLinear) or consumer.has_identity_perm():
+            continue
+        perm = consumer.input_perm.clone()
+        blocks = head_shared_blocks(perm, heads[0], heads[1])
+        if blocks is None:
+            continue
+        rows = kv_rows_permutation(blocks)
+        _set_input_perms([consumer], identity_permutation(perm.numel(), perm.device))
+        for name in producers:
+            permute_output_rows(layer.get_submodule(name), rows)
+            if _same_output(call.run(layer, sample), reference):
+                folded.append(consumer_name)
+                break
+            permute_output_rows(layer.get_submodule(name), invert_permutation(rows))
+        else:
+            _set_input_perms([consumer], perm)
     return folded
 
 

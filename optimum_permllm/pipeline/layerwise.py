@@ -23,7 +23,7 @@ from .capture import CalibrationCache, capture
 from .distributed import map_across_ranks
 from .planning import GroupPlan, block_size_for, plan_group
 from .statistics import collect_statistics
-from .structure import find_decoder_layers, layer_linears, set_submodule
+from .structure import attention_heads, find_decoder_layers, layer_linears, set_submodule
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, config: PermLLMC
     model_device = next(model.parameters()).device
     device = torch.device(device) if device is not None else model_device
     _check_samples(samples, model)
+    heads = attention_heads(getattr(model, "config", None))
     converted: list[str] = []
     with _no_kv_cache(model):
         cache = capture(model, layers, samples, batch_size, model_device)
@@ -50,7 +51,7 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, config: PermLLMC
             layer = layers[index]
             home = next(layer.parameters()).device
             layer.to(device)
-            names, info = _sparsify_layer(layer, index, cache, config, f"{prefix}.{index}", layers[index + 1:])
+            names, info = _sparsify_layer(layer, index, cache, config, f"{prefix}.{index}", layers[index + 1:], heads)
             cache.hidden = [cache.call_for(index, h).run(layer, h) for h in cache.hidden]
             layer.to(home)
             converted += names
@@ -64,7 +65,7 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, config: PermLLMC
 
 @torch.no_grad()
 def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, config: PermLLMConfig,
-                    qualified: str, later_layers=()) -> tuple[list[str], dict]:
+                    qualified: str, later_layers=(), heads=None) -> tuple[list[str], dict]:
     """Prune one decoder layer in place; returns the converted names and what was decided per group."""
     linears = layer_linears(layer, config.modules_to_not_convert, layer_name=qualified)
     for name, linear in linears.items():
@@ -72,11 +73,13 @@ def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, confi
     track_gram = config.metric == "sparsegpt" or config.permutation == "learned"
     stats, groups = collect_statistics(layer, index, cache, linears, track_gram)
     learn = _learner(config, layer, index, cache, later_layers)
+    head_shaped = _head_shaped_groups(layer, heads, groups, config)
 
     def plan_one(group):  # groups are independent, so under torch.distributed each rank plans a share
         weights = {name: linears[name].weight for name in group}
         group_learn = None if learn is None else (lambda w, s, p: learn(group, w, s, p))
-        return plan_group(weights, stats[group[0]], config, learn=group_learn)
+        group_heads = heads[:2] if group[0] in head_shaped else None
+        return plan_group(weights, stats[group[0]], config, learn=group_learn, heads=group_heads)
 
     plans = dict(zip(map(tuple, groups), map_across_ranks(plan_one, groups)))
     for group, plan in plans.items():
@@ -84,9 +87,21 @@ def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, confi
     if config.fold_permutations:
         from .folding import fold_layer_permutations
 
-        fold_layer_permutations(layer, index, cache)
+        fold_layer_permutations(layer, index, cache, heads, groups)
     info = {"groups": {"+".join(group): plan.info for group, plan in plans.items()}}
     return [f"{qualified}.{name}" for name in linears], info
+
+
+def _head_shaped_groups(layer: nn.Module, heads, groups, config: PermLLMConfig) -> set[str]:
+    """Attention-output groups whose heuristic permutation stays inside heads, so it can fold into v_proj.
+
+    Chosen whether or not folding is on, so that `fold_permutations` never changes the pruned function.
+    """
+    if heads is None or config.permutation != "heuristic" or heads[2] % config.pattern.m:
+        return set()
+    from .folding import head_fold_candidates
+
+    return {consumer for consumer, _ in head_fold_candidates(layer, heads, groups) if [consumer] in groups}
 
 
 def _replace_group(layer, linears, group, plan: GroupPlan, config: PermLLMConfig) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..algorithms.heuristic_permutation import heuristic_permutation, retained_score
+from ..algorithms.heuristic_permutation import head_shared_permutation, heuristic_permutation, retained_score
 from ..algorithms.scores import score_fn
 from ..algorithms.sparsegpt import sparsegpt_prune
 from ..algorithms.statistics import InputStatistics
@@ -41,10 +41,12 @@ def selection_metric(config: PermLLMConfig) -> str:
 
 
 def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, config: PermLLMConfig,
-               learn=None) -> GroupPlan:
+               learn=None, heads: tuple[int, int] | None = None) -> GroupPlan:
     """Choose the group's permutation, then prune every member in that order.
 
     `learn(weights, stats, init_perm) -> (perm, info)` runs the learned permutation when asked for.
+    `heads` (num_heads, num_kv_heads) restricts a heuristic permutation of an attention output to
+    moves inside each head, so that it can be folded into the value projection.
     """
     n, m = config.pattern.n, config.pattern.m
     metric = selection_metric(config)
@@ -56,7 +58,10 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, config:
     perm = identity_permutation(width, scores.device)
     if config.permutation in ("heuristic", "learned"):
         groups = width // m  # wide layers: assignments over blocks of groups (scipy is slow past ~1k groups)
-        perm = heuristic_permutation(scores, n, m, max_groups_per_lsa=LSA_BLOCK if groups > 4 * LSA_BLOCK else None)
+        if heads is not None and config.permutation == "heuristic":
+            perm = head_shared_permutation(scores, *heads, n, m)
+        else:
+            perm = heuristic_permutation(scores, n, m, max_groups_per_lsa=LSA_BLOCK if groups > 4 * LSA_BLOCK else None)
         info["heuristic_score"] = retained_score(scores, perm, n, m)
     if config.permutation == "learned":
         perm, learned_info = learn(list(dense.values()), stats, perm)

@@ -64,3 +64,16 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
+
+
+def attention_heads(model_config) -> tuple[int, int, int] | None:
+    """(num_heads, num_kv_heads, head_dim) from a transformers config, or None when it does not say."""
+    heads = getattr(model_config, "num_attention_heads", None)
+    hidden = getattr(model_config, "hidden_size", None)
+    if not isinstance(heads, int) or heads < 1:
+        return None
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or (hidden // heads if isinstance(hidden, int) else None)
+    if not isinstance(head_dim, int) or head_dim < 1 or heads % kv_heads != 0:
+        return None
+    return heads, kv_heads, head_dim

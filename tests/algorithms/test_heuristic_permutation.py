@@ -125,3 +125,33 @@ def test_clear_errors():
         heuristic_permutation(torch.rand(2, 8), 2, 4, max_groups_per_lsa=1)
     with pytest.raises(ValueError, match="2-D"):
         heuristic_permutation(torch.rand(8), 2, 4)
+
+
+def test_head_shared_permutation_keeps_heads_and_beats_the_identity():
+    from optimum_permllm.algorithms.heuristic_permutation import head_shared_permutation
+    from optimum_permllm.sparse.permutation import head_shared_blocks
+
+    scores = torch.rand(16, 4 * 16, generator=_generator(2)).pow(3)  # 4 query heads of 16, 2 KV heads
+    perm = head_shared_permutation(scores, 4, 2, 2, 4)
+    blocks = head_shared_blocks(perm, 4, 2)
+    assert blocks is not None
+    identity = torch.arange(64)
+    assert retained_score(scores, perm, 2, 4) > retained_score(scores, identity, 2, 4)
+    # the stacked sub-problem of KV head 0 (query heads 0 and 1) scores what the full layer scores there
+    stacked = torch.cat([scores[:, :16], scores[:, 16:32]])
+    half = retained_score(stacked, blocks[0], 2, 4)
+    assert half == pytest.approx(retained_score(scores[:, :32], perm[:32], 2, 4))
+
+
+def test_head_shared_permutation_of_one_head_is_the_plain_heuristic():
+    from optimum_permllm.algorithms.heuristic_permutation import head_shared_permutation
+
+    scores = torch.rand(8, 32, generator=_generator(3))
+    assert torch.equal(head_shared_permutation(scores, 1, 1, 2, 4), heuristic_permutation(scores, 2, 4))
+
+
+def test_head_shared_permutation_rejects_heads_that_do_not_fit():
+    from optimum_permllm.algorithms.heuristic_permutation import head_shared_permutation
+
+    with pytest.raises(ValueError, match="head"):
+        head_shared_permutation(torch.rand(4, 24), 4, 2, 2, 4)  # heads of 6 channels: not a multiple of M

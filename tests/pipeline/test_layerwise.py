@@ -14,6 +14,7 @@ from optimum_permllm.pipeline.planning import block_size_for, plan_group
 from optimum_permllm.pipeline.statistics import collect_statistics
 from optimum_permllm.pipeline.structure import StructureError, find_decoder_layers, layer_linears
 from optimum_permllm.sparse import check_nm, identity_permutation
+from optimum_permllm.sparse.permutation import head_shared_blocks
 
 from ..conftest import tiny_model
 
@@ -107,7 +108,7 @@ def test_every_linear_is_pruned_and_keeps_its_pattern(family, metric, permutatio
     assert torch.isfinite(model(_ids()).logits).all()
 
 
-def test_folding_keeps_the_logits_and_removes_all_but_the_attention_output_gathers(family):
+def test_folding_keeps_the_logits_and_removes_every_gather_it_can(family):
     unfolded, folded = tiny_model(family), tiny_model(family)
     for model, fold in ((unfolded, False), (folded, True)):
         sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations=fold), progress=False)
@@ -116,9 +117,19 @@ def test_folding_keeps_the_logits_and_removes_all_but_the_attention_output_gathe
     gathers = lambda m: sum(not x.has_identity_perm() for x in m.modules() if isinstance(x, PermutedSparseLinear))  # noqa: E731
     layers = folded.config.num_hidden_layers
     assert gathers(unfolded) == sum(isinstance(m, PermutedSparseLinear) for m in unfolded.modules())
-    assert gathers(folded) == layers  # only the attention output projection still gathers
+    # o_proj's head-shaped permutation moves into v_proj's rows; GPT-NeoX's fused qkv has no value rows
+    assert gathers(folded) == (layers if family == "gpt_neox" else 0)
     norms = [m for m in folded.modules() if isinstance(m, PermutedOutputNorm)]
     assert len(norms) == 2 * layers  # the norms before attention and MLP write permuted outputs
+
+
+def test_attention_output_permutation_stays_inside_heads_and_is_shared_by_kv_heads():
+    model = tiny_model("llama")  # 4 query heads, 2 KV heads
+    sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations=False), progress=False)
+    attention = model.model.layers[0].self_attn
+    blocks = head_shared_blocks(attention.o_proj.input_perm, 4, 2)
+    assert blocks is not None and not attention.o_proj.has_identity_perm()
+    assert head_shared_blocks(attention.q_proj.input_perm, 4, 2) is None  # other groups stay unconstrained
 
 
 def test_learned_permutation_runs_in_the_pipeline():
