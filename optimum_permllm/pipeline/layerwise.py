@@ -4,7 +4,8 @@ Capture the inputs of the first decoder layer, then for each layer in order: col
 statistics, decide permutations and masks per group of linears sharing an input, replace the linears
 by PermutedSparseLinear, fold permutations where exact, and recompute the layer's outputs from the
 PRUNED layer to feed the next one. Memory: one layer plus the calibration activations; a model kept
-on the CPU can be pruned one layer at a time on a GPU by passing `device`.
+on the CPU can be pruned one layer at a time on a GPU by passing `device`, and so can a model that
+accelerate offloads to the CPU (`offload.py` loads each layer and writes it back).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..config import PermLLMConfig
 from ..nn.permuted_sparse_linear import PermutedSparseLinear
 from .capture import CalibrationCache, capture
 from .distributed import map_across_ranks
+from .offload import check_offload, execution_device, on_device
 from .planning import GroupPlan, block_size_for, plan_group
 from .statistics import collect_statistics
 from .structure import attention_heads, find_decoder_layers, layer_linears, set_submodule
@@ -35,8 +37,8 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, config: PermLLMC
                        callback: LayerCallback | None = None, device=None, batch_size: int = 1) -> list[str]:
     """Prune every decoder linear of `model` in place; returns the qualified names of converted layers."""
     prefix, layers = find_decoder_layers(model)
-    _check_not_offloaded(model)
-    model_device = next(model.parameters()).device
+    check_offload(model, prefix, layers)
+    model_device = execution_device(layers) or next(model.parameters()).device
     device = torch.device(device) if device is not None else model_device
     _check_samples(samples, model)
     heads = attention_heads(getattr(model, "config", None))
@@ -49,11 +51,10 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, config: PermLLMC
         for index in bar:
             start = time.perf_counter()
             layer = layers[index]
-            home = next(layer.parameters()).device
-            layer.to(device)
-            names, info = _sparsify_layer(layer, index, cache, config, f"{prefix}.{index}", layers[index + 1:], heads)
-            cache.hidden = [cache.call_for(index, h).run(layer, h) for h in cache.hidden]
-            layer.to(home)
+            with on_device(layer, device):  # an accelerate-offloaded layer is loaded, then written back
+                names, info = _sparsify_layer(layer, index, cache, config, f"{prefix}.{index}",
+                                              layers[index + 1:], heads)
+                cache.hidden = [cache.call_for(index, h).run(layer, h) for h in cache.hidden]
             converted += names
             info["seconds"] = time.perf_counter() - start
             bar.set_postfix_str(_postfix(info))
@@ -162,18 +163,6 @@ def _check_samples(samples: torch.Tensor, model: nn.Module) -> None:
             f"Calibration token id {int(samples.max())} is outside the model's vocabulary ({vocab}): "
             "the tokenizer does not belong to this model."
         )
-
-
-def _check_not_offloaded(model: nn.Module) -> None:
-    """Refuse accelerate-offloaded models, whose weights cannot be replaced in place."""
-    for module in model.modules():
-        hook = getattr(module, "_hf_hook", None)
-        if hook is not None and getattr(hook, "offload", False):
-            raise ValueError(
-                "This model is offloaded by accelerate (device_map with 'cpu'/'disk' entries): its layers cannot be "
-                "pruned in place. Load it on the CPU without device_map and pass device='cuda' to prune one layer at "
-                "a time on the GPU."
-            )
 
 
 class _no_kv_cache:
