@@ -53,7 +53,7 @@ def run_one(args) -> dict:
     start = time.perf_counter()
     if args.one != "dense":
         config = PermLLMConfig(sparsity=args.sparsity, num_samples=args.num_samples, seq_len=args.seq_len,
-                               dataset=args.dataset, steps=args.steps, **parse_method(args.one))
+                               dataset=args.dataset, steps=args.steps, seed=args.seed, **parse_method(args.one))
         PermLLMSparsifier(config).sparsify_model(model, tokenizer, progress=False)
     row["prune_seconds"] = round(time.perf_counter() - start, 1)
     row["perplexity"] = round(perplexity(model, tokenizer, seq_len=512, max_windows=args.eval_windows), 3)
@@ -90,6 +90,7 @@ def main(argv=None):
     parser.add_argument("--dataset", default=None)
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0, help="calibration windows (and learned-permutation) seed")
     parser.add_argument("--steps", type=int, default=None, help="learned-permutation steps (None: default)")
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--zero-shot-limit", type=int, default=0, help="rows per zero-shot task (0: skip)")

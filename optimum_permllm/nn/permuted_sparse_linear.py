@@ -150,7 +150,7 @@ class PermutedSparseLinear(nn.Module):
         return compressed
 
     def extra_repr(self) -> str:
-        perm = "identity" if self.has_identity_perm() else "permuted"
+        perm = "offloaded" if self.input_perm.is_meta else "identity" if self.has_identity_perm() else "permuted"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"sparsity={self.n}:{self.m}, input_perm={perm}, bias={self.bias is not None}")
 

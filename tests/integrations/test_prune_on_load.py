@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from optimum_permllm import PermLLMConfig, PermLLMSparsifier, PermutedSparseLinear
-from optimum_permllm.sparse import check_nm
+from optimum_permllm.nn.permuted_norm import PermutedOutputNorm
+from optimum_permllm.sparse import check_nm, is_identity
 
 from ..data.tiny_text import SENTENCES
 from ..conftest import save_tiny_dense, tiny_model
@@ -23,7 +24,9 @@ def test_prune_on_load_with_calibration_then_save_and_reload(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
     sparse = [m for m in model.modules() if isinstance(m, PermutedSparseLinear)]
     assert len(sparse) == 14 and all(check_nm(m.permuted_dense_weight(), 2, 4) for m in sparse)
-    assert any(not m.has_identity_perm() for m in sparse)
+    # every permutation is folded (norms write permuted outputs, v_proj/gate/up rows are reordered)
+    norms = [m for m in model.modules() if isinstance(m, PermutedOutputNorm)]
+    assert norms and all(not is_identity(m.output_perm) for m in norms)
     ids = tokenizer(SENTENCES[0], return_tensors="pt").input_ids
     reference = model(ids).logits
     model.save_pretrained(tmp_path / "sparse")
