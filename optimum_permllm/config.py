@@ -16,6 +16,7 @@ METRICS = ("magnitude", "wanda", "ria", "sparsegpt")
 PERMUTATIONS = ("none", "heuristic", "learned")
 LEARNERS = ("sinkhorn", "ot")
 SCOPES = ("layer", "block", "model")
+FOLDING = (True, False, "all")
 
 # Keys that are written by the library, not chosen by the user.
 _RECORDED_KEYS = ("quant_method", "format_version", "converted_modules")
@@ -52,7 +53,11 @@ class PermLLMConfig(QuantizationConfigMixin):
         num_samples, seq_len, seed: how many calibration sequences of how many tokens, and the sampling seed.
         modules_to_not_convert: module names (or name suffixes) left dense. lm_head and embeddings are
             never pruned.
-        fold_permutations: fold input permutations into the layer that produces the input where exact.
+        fold_permutations: True folds input permutations into the layer (or norm) that produces the input
+            wherever that is exact, without changing which permutation is chosen; "all" also chooses the
+            attention output's heuristic permutation inside heads (shared by GQA query heads) so that it
+            folds into v_proj and no layer gathers at run time, at some accuracy cost (BENCHMARKS.md);
+            False keeps every permutation as a run-time gather.
     """
 
     def __init__(
@@ -71,7 +76,7 @@ class PermLLMConfig(QuantizationConfigMixin):
         seq_len: int = 2048,
         seed: int = 0,
         modules_to_not_convert: list[str] | None = None,
-        fold_permutations: bool = True,
+        fold_permutations: bool | str = True,
         format_version: int = FORMAT_VERSION,
         converted_modules: list[str] | None = None,
         quant_method: str = "permllm",
@@ -111,6 +116,7 @@ class PermLLMConfig(QuantizationConfigMixin):
         _check_choice("permutation", self.permutation, PERMUTATIONS)
         _check_choice("learner", self.learner, LEARNERS)
         _check_choice("scope", self.scope, SCOPES)
+        _check_choice("fold_permutations", self.fold_permutations, FOLDING)
         _check_positive_int("block_size", self.block_size)
         _check_positive_int("steps", self.steps, allow_none=True)
         _check_positive_int("num_samples", self.num_samples)

@@ -206,7 +206,8 @@ def _permutation_details(config: PermLLMConfig) -> str:
     if config.permutation == "learned":
         text += (f" (learner={config.learner}, scope={config.scope}, block_size={config.block_size}, "
                  f"steps={config.steps or 'default'}, lr={config.lr or 'default'})")
-    return text + f"; folded where exact: {'yes' if config.fold_permutations else 'no'}"
+    folding = {"all": "all (attention outputs permuted inside heads)", True: "where exact", False: "none"}
+    return text + f"; folded: {folding[config.fold_permutations]}"
 
 
 def _calibration(config: PermLLMConfig) -> str:

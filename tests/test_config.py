@@ -34,6 +34,7 @@ def test_objects_are_recorded_by_name():
     ({"permutation": "random"}, "permutation"),
     ({"learner": "sgd"}, "learner"),
     ({"scope": "global"}, "scope"),
+    ({"fold_permutations": "some"}, "fold_permutations"),
     ({"block_size": 0}, "block_size"),
     ({"num_samples": -1}, "num_samples"),
     ({"lr": -1.0}, "lr"),

@@ -94,11 +94,9 @@ def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, confi
 
 
 def _head_shaped_groups(layer: nn.Module, heads, groups, config: PermLLMConfig) -> set[str]:
-    """Attention-output groups whose heuristic permutation stays inside heads, so it can fold into v_proj.
-
-    Chosen whether or not folding is on, so that `fold_permutations` never changes the pruned function.
-    """
-    if heads is None or config.permutation != "heuristic" or heads[2] % config.pattern.m:
+    """With fold_permutations="all": attention-output groups whose heuristic permutation is chosen inside
+    heads, so that it folds into v_proj (a free permutation keeps more score: measured in BENCHMARKS.md)."""
+    if heads is None or config.fold_permutations != "all" or config.permutation != "heuristic" or heads[2] % config.pattern.m:
         return set()
     from .folding import head_fold_candidates
 

@@ -108,24 +108,35 @@ def test_every_linear_is_pruned_and_keeps_its_pattern(family, metric, permutatio
     assert torch.isfinite(model(_ids()).logits).all()
 
 
-def test_folding_keeps_the_logits_and_removes_every_gather_it_can(family):
-    unfolded, folded = tiny_model(family), tiny_model(family)
-    for model, fold in ((unfolded, False), (folded, True)):
-        sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations=fold), progress=False)
+@pytest.mark.parametrize("fold", [True, "all"])
+def test_folding_keeps_the_logits_and_removes_the_gathers(family, fold, monkeypatch):
+    folded, unfolded = tiny_model(family), tiny_model(family)
+    sparsify_layerwise(folded, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations=fold), progress=False)
+    monkeypatch.setattr("optimum_permllm.pipeline.folding.fold_layer_permutations", lambda *args, **kwargs: [])
+    sparsify_layerwise(unfolded, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations=fold), progress=False)
     with torch.no_grad():
         torch.testing.assert_close(folded(_ids(seed=5)).logits, unfolded(_ids(seed=5)).logits, rtol=1e-5, atol=1e-5)
     gathers = lambda m: sum(not x.has_identity_perm() for x in m.modules() if isinstance(x, PermutedSparseLinear))  # noqa: E731
     layers = folded.config.num_hidden_layers
     assert gathers(unfolded) == sum(isinstance(m, PermutedSparseLinear) for m in unfolded.modules())
-    # o_proj's head-shaped permutation moves into v_proj's rows; GPT-NeoX's fused qkv has no value rows
-    assert gathers(folded) == (layers if family == "gpt_neox" else 0)
+    # True: only the attention output gathers; "all": it folds into v_proj too, except into GPT-NeoX's fused qkv
+    assert gathers(folded) == (0 if fold == "all" and family != "gpt_neox" else layers)
     norms = [m for m in folded.modules() if isinstance(m, PermutedOutputNorm)]
     assert len(norms) == 2 * layers  # the norms before attention and MLP write permuted outputs
 
 
-def test_attention_output_permutation_stays_inside_heads_and_is_shared_by_kv_heads():
+def test_fold_true_never_changes_the_chosen_permutations():
+    folded, unfolded = tiny_model("llama"), tiny_model("llama")
+    for model, fold in ((folded, True), (unfolded, False)):
+        sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations=fold), progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(_ids(seed=5)).logits, unfolded(_ids(seed=5)).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_output_permutation_stays_inside_heads_and_is_shared_by_kv_heads(monkeypatch):
     model = tiny_model("llama")  # 4 query heads, 2 KV heads
-    sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations=False), progress=False)
+    monkeypatch.setattr("optimum_permllm.pipeline.folding.fold_layer_permutations", lambda *args, **kwargs: [])
+    sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations="all"), progress=False)
     attention = model.model.layers[0].self_attn
     blocks = head_shared_blocks(attention.o_proj.input_perm, 4, 2)
     assert blocks is not None and not attention.o_proj.has_identity_perm()
