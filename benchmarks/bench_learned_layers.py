@@ -6,8 +6,10 @@ the relative output error of the 2:4-pruned group, tr(D G D^T) / tr(W G W^T). Ex
 
     python benchmarks/bench_learned_layers.py --layers 3 15 27 --methods identity heuristic sinkhorn ot refine learned
 
-Methods: identity, heuristic (RIA-CP), sinkhorn / ot (Sinkhorn phase only, no polishing), refine
-(exact swap search from the heuristic, no Sinkhorn), learned (the `learn_permutation` default).
+Methods: identity, heuristic (RIA-CP), heads (RIA-CP inside attention heads, shared by the query heads
+of a KV head, as fold_permutations="all" does for o_proj; the heuristic elsewhere), sinkhorn / ot
+(Sinkhorn phase only, no polishing), refine (exact swap search from the heuristic, no Sinkhorn),
+learned (the `learn_permutation` default).
 Runs on one thread: the benchmark machine is shared, and more threads are slower under contention.
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+HEADS = (9, 3, 64)  # SmolLM2-135M: query heads, KV heads, head dim (o_proj reads 9 x 64 channels)
 GROUPS = {  # leader -> members of the group reading the leader's input
     "self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "self_attn.o_proj": ("self_attn.o_proj",),
@@ -99,6 +102,15 @@ def heuristic(weights, norms, n=2, m=4) -> torch.Tensor:
     return heuristic_permutation(torch.cat([wanda_scores(w, norms) for w in weights]), n, m)
 
 
+def heads_permutation(weights, norms, width, n=2, m=4) -> torch.Tensor:
+    """RIA-CP restricted to moves inside heads, shared by the query heads of one KV head (SmolLM2's layout)."""
+    from optimum_permllm.algorithms.heuristic_permutation import head_shared_permutation
+    from optimum_permllm.algorithms.scores import wanda_scores
+
+    scores = torch.cat([wanda_scores(w, norms) for w in weights])
+    return head_shared_permutation(scores, HEADS[0], HEADS[1], n, m)
+
+
 def run_method(method: str, weights, gram, norms, init: torch.Tensor, args) -> torch.Tensor:
     """The permutation chosen by `method` for one group."""
     from optimum_permllm.algorithms.learned_permutation import learn_permutation
@@ -109,6 +121,9 @@ def run_method(method: str, weights, gram, norms, init: torch.Tensor, args) -> t
         return torch.arange(width)
     if method == "heuristic":
         return init
+    if method == "heads":
+        attention_output = len(weights) == 1 and width == HEADS[0] * HEADS[2]
+        return heads_permutation(weights, norms, width) if attention_output else init
     block = block_size_for(width, args.block_size, 4)
     common = dict(metric="wanda", init_perm=init, block_size=block, seed=0)
     if method in ("sinkhorn", "ot"):
@@ -164,7 +179,7 @@ def main(argv=None) -> None:
                 if "heldout" in data[index]:  # masks still from calibration norms; error on held-out inputs
                     cell += f" / held-out {layer_loss(weights, data[index]['heldout'][leader], norms, perm):.5f}"
                 cells.append(cell)
-            best = min(v for k, v in losses.items() if k not in ("identity", "heuristic"))
+            best = min((v for k, v in losses.items() if k not in ("identity", "heuristic")), default=float("nan"))
             gain = 100 * (losses["heuristic"] - best) / losses["heuristic"] if "heuristic" in losses else float("nan")
             print(f"| {index} | {leader.split('.')[-1]} | " + " | ".join(cells) + f" | {gain:.1f}% |", flush=True)
 
