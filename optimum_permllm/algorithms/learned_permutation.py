@@ -47,7 +47,6 @@ _MEMBERSHIP_TEMPERATURE = 0.5
 _DEFAULT_REFINE_ROUNDS = 5
 # Rows drawn per step for the membership gradient (its cost is rows * C * B / M); all rows if fewer.
 _MEMBERSHIP_ROWS = 512
-BALANCE_ROWS = True
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -273,22 +272,6 @@ class LayerObjective:
         return _GramQuadratic.apply(delta, self.gram) / self.norm
 
 
-def balance_rows(weights: Sequence[torch.Tensor], gram: torch.Tensor) -> list[torch.Tensor]:
-    """Each weight row divided by the norm of its dense output, sqrt(w G w^T).
-
-    The `layer` objective of balanced weights is the mean relative error of the output channels, so a
-    few channels with huge outputs (the massive residual-stream dimensions that o_proj and down_proj
-    write) do not outweigh all the others. N:M masks are unchanged: they compare scores within a row.
-    """
-    gram = gram.detach().float()
-    balanced = []
-    for w in weights:
-        w = w.detach().float()
-        energy = ((w @ gram) * w).sum(-1, keepdim=True)
-        balanced.append(w / energy.clamp_min(torch.finfo(torch.float32).tiny).sqrt())
-    return balanced
-
-
 @dataclass
 class LearnResult:
     """Outcome of `learn_permutation`: the best hard permutation seen and the loss history."""
@@ -398,10 +381,7 @@ def learn_permutation(
         raise ValueError(f"Unknown optimizer {optimizer!r}; valid optimizers: {', '.join(_OPTIMIZERS)}.")
     if steps < 0 or refine_rounds < 0:
         raise ValueError(f"steps and refine_rounds must be >= 0, got {steps} and {refine_rounds}.")
-    score_weights = weights
-    if loss_fn is None and gram is not None and BALANCE_ROWS:
-        weights = balance_rows(weights, gram)
-    problem = _prepare(weights, gram, feature_norms, n, m, metric, init_perm, block_size, loss_fn, score_weights)
+    problem = _prepare(weights, gram, feature_norms, n, m, metric, init_perm, block_size, loss_fn)
     generator = torch.Generator().manual_seed(seed)
     problem.generator = torch.Generator().manual_seed(seed + 1)
     module = BlockPermutation(
@@ -441,8 +421,8 @@ def _polish(problem, tracker, weights, gram, block_size, rounds, callback, step)
         callback(step, loss, tracker.best_loss)
 
 
-def _prepare(weights, gram, feature_norms, n, m, metric, init_perm, block_size, loss_fn, score_weights=None) -> _Problem:
-    """Validate the inputs and put weights and scores (from `score_weights`, default `weights`) in init_perm order."""
+def _prepare(weights, gram, feature_norms, n, m, metric, init_perm, block_size, loss_fn) -> _Problem:
+    """Validate the inputs and put weights and scores in init_perm order."""
     if not weights:
         raise ValueError("learn_permutation needs at least one weight.")
     channels = weights[0].shape[1]
@@ -460,7 +440,7 @@ def _prepare(weights, gram, feature_norms, n, m, metric, init_perm, block_size, 
             raise ValueError(f"The {metric} metric needs `feature_norms` (or `gram` to derive them).")
         feature_norms = torch.diagonal(gram).float().clamp_min(0).sqrt()
     scorer = score_fn(metric)
-    scores = torch.cat([scorer(w, feature_norms) for w in (weights if score_weights is None else score_weights)])
+    scores = torch.cat([scorer(w, feature_norms) for w in weights])
     scores = scores / scores.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     device = weights[0].device
     if init_perm is None:

@@ -56,12 +56,6 @@ def token_loss(weights, x, perm, norms):
     return float(err / sum(((x @ w.T) ** 2).sum() for w in weights))
 
 
-def row_loss(weights, x, perm, norms):
-    """learn_permutation's layer objective on the tokens: the mean relative error of the output channels."""
-    rows = [((x @ w.T - x @ pruned(w, perm, norms).T) ** 2).sum(0) / ((x @ w.T) ** 2).sum(0) for w in weights]
-    return float(torch.cat(rows).mean())
-
-
 def test_layer_objective_equals_token_error():
     weights, x, gram, norms = make_group()
     perm = torch.randperm(32, generator=torch.Generator().manual_seed(1))
@@ -157,8 +151,8 @@ def test_result_is_valid_exact_and_never_worse_than_init(method):
     init = torch.randperm(32, generator=torch.Generator().manual_seed(7))
     result = learn_permutation(weights, gram, norms, 2, 4, method=method, init_perm=init, block_size=16, steps=8)
     check_permutation(result.perm, 32)
-    assert result.init_loss == pytest.approx(row_loss(weights, x, init, norms), rel=1e-4)
-    assert result.best_loss == pytest.approx(row_loss(weights, x, result.perm, norms), rel=1e-4)
+    assert result.init_loss == pytest.approx(token_loss(weights, x, init, norms), rel=1e-4)
+    assert result.best_loss == pytest.approx(token_loss(weights, x, result.perm, norms), rel=1e-4)
     assert result.best_loss <= result.init_loss and result.best_loss == min(result.history)
     assert len(result.history) == 10 and all(check_nm(pruned(w, result.perm, norms)[:, result.perm], 2, 4) for w in weights)
 
@@ -191,11 +185,11 @@ def test_quality_beats_identity_and_heuristic_on_correlated_inputs():
     weights, x, gram, norms = make_group(channels=128, outs=(128, 128), seed=0, heavy=8, rank=16)
     scores = torch.cat([wanda_scores(w, norms) for w in weights])
     init = heuristic_permutation(scores, 2, 4)
-    identity_loss = row_loss(weights, x, torch.arange(128), norms)
+    identity_loss = token_loss(weights, x, torch.arange(128), norms)
     result = learn_permutation(weights, gram, norms, 2, 4, init_perm=init, steps=40)
-    assert result.init_loss == pytest.approx(row_loss(weights, x, init, norms), rel=1e-4)
+    assert result.init_loss == pytest.approx(token_loss(weights, x, init, norms), rel=1e-4)
     assert result.best_loss < 0.98 * min(identity_loss, result.init_loss)
-    assert result.best_loss == pytest.approx(row_loss(weights, x, result.perm, norms), rel=1e-4)
+    assert result.best_loss == pytest.approx(token_loss(weights, x, result.perm, norms), rel=1e-4)
 
 
 def test_rejects_bad_arguments():
@@ -279,4 +273,4 @@ def test_learned_permutation_with_refinement_beats_the_heuristic_init():
     init = heuristic_permutation(_group_scores(weights, norms), 2, 4)
     result = learn_permutation(weights, gram, norms, 2, 4, init_perm=init, block_size=32, steps=2, refine_rounds=6)
     assert result.best_loss < 0.97 * result.init_loss
-    assert result.best_loss == pytest.approx(row_loss(weights, x, result.perm, norms), rel=1e-4)
+    assert result.best_loss == pytest.approx(token_loss(weights, x, result.perm, norms), rel=1e-4)
