@@ -44,3 +44,15 @@ def test_bench_e2e_cpu_smoke():
     assert float(dense[1]) > 0 and float(sparse[2]) > 0
     assert float(sparse[3]) < float(dense[3])  # packed weights take less memory
     assert re.search(r"prefill speedup \d+\.\d+x", out)
+
+
+def test_bench_residual_energy_reports_shares_of_a_tiny_model(tmp_path):
+    from ..conftest import save_tiny_dense
+
+    save_tiny_dense(tmp_path / "tiny", family="llama")
+    out = run_script("bench_residual_energy.py", "--model", str(tmp_path / "tiny"), "--samples", "1",
+                     "--seq-len", "16", "--top", "2", "--every", "1")
+    rows = [row for row in (line.strip("|").split("|") for line in out.splitlines() if line.startswith("|"))
+            if row[0].strip().isdigit()]
+    assert [int(row[0]) for row in rows] == [1, 2]  # the tiny model has 2 decoder layers
+    assert all(0 < float(row[2]) <= 1 for row in rows)
