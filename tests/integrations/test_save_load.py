@@ -146,12 +146,13 @@ def test_loading_without_the_plugin_fails_instead_of_giving_random_weights(tmp_p
     assert "permllm" in result.stderr and "mismatch" in result.stderr.lower()
 
 
-def test_folded_pipeline_model_round_trips_and_dequantizes(family, tmp_path):
+@pytest.mark.parametrize("fold", [True, "all"])
+def test_folded_pipeline_model_round_trips_and_dequantizes(family, fold, tmp_path):
     from optimum_permllm.nn.permuted_norm import PermutedOutputNorm
     from optimum_permllm.pipeline.layerwise import sparsify_layerwise
 
     model = tiny_model(family)
-    config = PermLLMConfig(metric="wanda", permutation="heuristic")
+    config = PermLLMConfig(metric="wanda", permutation="heuristic", fold_permutations=fold)
     config.converted_modules = sparsify_layerwise(model, _ids(), config, progress=False)
     model.config.quantization_config = config
     reference = model(_ids()).logits
