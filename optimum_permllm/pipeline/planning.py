@@ -45,7 +45,7 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, config:
     """Choose the group's permutation, then prune every member in that order.
 
     `learn(weights, stats, init_perm) -> (perm, info)` runs the learned permutation when asked for.
-    `heads` (num_heads, num_kv_heads) restricts a heuristic permutation of an attention output to
+    `heads` (num_heads, num_kv_heads) restricts the heuristic permutation of an attention output to
     moves inside each head, so that it can be folded into the value projection.
     """
     n, m = config.pattern.n, config.pattern.m
@@ -58,7 +58,7 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, config:
     perm = identity_permutation(width, scores.device)
     if config.permutation in ("heuristic", "learned"):
         groups = width // m  # wide layers: assignments over blocks of groups (scipy is slow past ~1k groups)
-        if heads is not None and config.permutation == "heuristic":
+        if heads is not None:
             perm = head_shared_permutation(scores, *heads, n, m)
         else:
             perm = heuristic_permutation(scores, n, m, max_groups_per_lsa=LSA_BLOCK if groups > 4 * LSA_BLOCK else None)
