@@ -15,6 +15,7 @@ changes the layer's output is undone, so anything that cannot be shown safe keep
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 from torch import nn
@@ -98,30 +99,39 @@ def fold_layer_permutations(layer: nn.Module, index: int, cache: CalibrationCach
     sample = cache.hidden[0]
     call = cache.call_for(index, sample)
     reference = call.run(layer, sample)
-    folded = []
-    for consumer_name, producers in mlp_fold_candidates(layer):
-        consumer = layer.get_submodule(consumer_name)
-        perm = consumer.input_perm.clone()
-        for name in producers:
-            permute_output_rows(layer.get_submodule(name), perm)
-        consumer.input_perm.data = identity_permutation(perm.numel(), perm.device)
-        consumer.invalidate_cache()
-        if _same_output(call.run(layer, sample), reference):
-            folded.append(consumer_name)
-            continue
-        inverse = invert_permutation(perm)  # undo: the fold changed the layer's function
-        for name in producers:
-            permute_output_rows(layer.get_submodule(name), inverse)
-        consumer.input_perm.data = perm
-        consumer.invalidate_cache()
-    folded += _fold_into_norms(layer, call, sample, reference)
-    folded += _fold_into_values(layer, head_fold_candidates(layer, heads, list(groups)), heads, call, sample, reference)
+    check = lambda: _same_output(call.run(layer, sample), reference)  # noqa: E731
+    folded = _fold_into_linears(layer, check)
+    folded += _fold_into_norms(layer, call, sample, check)
+    folded += _fold_into_values(layer, head_fold_candidates(layer, heads, list(groups)), heads, check)
     if folded:
         logger.info("layer %d: folded the input permutation of %s into its producers", index, ", ".join(folded))
     return folded
 
 
-def _fold_into_values(layer: nn.Module, pairs, heads, call, sample: torch.Tensor, reference: torch.Tensor) -> list[str]:
+def _kept_if_exact(apply, undo, check) -> bool:
+    """Apply a fold and keep it when `check()` finds the layer's output unchanged; otherwise undo it."""
+    apply()
+    if check():
+        return True
+    undo()
+    return False
+
+
+def _fold_into_linears(layer: nn.Module, check) -> list[str]:
+    """Move each permuted linear's input permutation into the output rows of its producers (gate/up, fc1)."""
+    folded = []
+    for consumer_name, producers in mlp_fold_candidates(layer):
+        consumer = layer.get_submodule(consumer_name)
+        perm = consumer.input_perm.clone()
+        identity = identity_permutation(perm.numel(), perm.device)
+        apply = partial(_move_rows, layer, producers, perm, [consumer], identity)
+        undo = partial(_move_rows, layer, producers, invert_permutation(perm), [consumer], perm)
+        if _kept_if_exact(apply, undo, check):
+            folded.append(consumer_name)
+    return folded
+
+
+def _fold_into_values(layer: nn.Module, pairs, heads, check) -> list[str]:
     """Move head-shaped attention-output permutations into the rows of the producer that verifies (v_proj)."""
     folded = []
     for consumer_name, producers in pairs:
@@ -133,19 +143,24 @@ def _fold_into_values(layer: nn.Module, pairs, heads, call, sample: torch.Tensor
         if blocks is None:
             continue
         rows = kv_rows_permutation(blocks)
-        _set_input_perms([consumer], identity_permutation(perm.numel(), perm.device))
-        for name in producers:
-            permute_output_rows(layer.get_submodule(name), rows)
-            if _same_output(call.run(layer, sample), reference):
+        identity = identity_permutation(perm.numel(), perm.device)
+        for name in producers:  # the first producer whose fold verifies (v_proj, not k_proj)
+            apply = partial(_move_rows, layer, [name], rows, [consumer], identity)
+            undo = partial(_move_rows, layer, [name], invert_permutation(rows), [consumer], perm)
+            if _kept_if_exact(apply, undo, check):
                 folded.append(consumer_name)
                 break
-            permute_output_rows(layer.get_submodule(name), invert_permutation(rows))
-        else:
-            _set_input_perms([consumer], perm)
     return folded
 
 
-def _fold_into_norms(layer: nn.Module, call, sample: torch.Tensor, reference: torch.Tensor) -> list[str]:
+def _move_rows(layer: nn.Module, producers: list[str], rows: torch.Tensor, consumers, consumer_perm) -> None:
+    """Permute the producers' output rows by `rows` and set the consumers' input permutation."""
+    for name in producers:
+        permute_output_rows(layer.get_submodule(name), rows)
+    _set_input_perms(consumers, consumer_perm)
+
+
+def _fold_into_norms(layer: nn.Module, call, sample: torch.Tensor, check) -> list[str]:
     """Wrap each norm that feeds a permuted group in a PermutedOutputNorm, keeping only exact folds."""
     folded = []
     for norm_name, consumers in norm_consumers(layer, lambda: call.run(layer, sample)).items():
@@ -156,13 +171,11 @@ def _fold_into_norms(layer: nn.Module, call, sample: torch.Tensor, reference: to
         if modules[0].has_identity_perm() or not all(torch.equal(c.input_perm, perm) for c in modules):
             continue
         norm = layer.get_submodule(norm_name)
-        _set_child(layer, norm_name, PermutedOutputNorm(norm, perm))
-        _set_input_perms(modules, identity_permutation(perm.numel(), perm.device))
-        if _same_output(call.run(layer, sample), reference):
+        identity = identity_permutation(perm.numel(), perm.device)
+        apply = partial(_swap_norm, layer, norm_name, PermutedOutputNorm(norm, perm), modules, identity)
+        undo = partial(_swap_norm, layer, norm_name, norm, modules, perm)
+        if _kept_if_exact(apply, undo, check):
             folded += consumers
-            continue
-        _set_child(layer, norm_name, norm)
-        _set_input_perms(modules, perm)
     return folded
 
 
@@ -201,6 +214,12 @@ def _is_norm(module: nn.Module) -> bool:
     """Norm layers: nn.LayerNorm, a PermutedOutputNorm, or a transformers class named *Norm."""
     name = type(module).__name__
     return isinstance(module, (nn.LayerNorm, PermutedOutputNorm)) or name.endswith(("RMSNorm", "LayerNorm", "Norm"))
+
+
+def _swap_norm(layer: nn.Module, name: str, norm: nn.Module, consumers, consumer_perm) -> None:
+    """Put `norm` at `name` and set the input permutation of the linears that read it."""
+    _set_child(layer, name, norm)
+    _set_input_perms(consumers, consumer_perm)
 
 
 def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
