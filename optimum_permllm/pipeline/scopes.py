@@ -4,6 +4,8 @@ Both are `loss_fn`s for `learn_permutation`: they receive the group's candidate 
 (original column order) and return 1 - cosine similarity, averaged over tokens, between an output
 computed with those weights and the same output of the dense layer, on a few cached calibration
 batches (the inputs of the current layer, i.e. the outputs of the already-pruned previous layers).
+The cosine is taken after dividing every feature by its RMS in the dense output: an LLM's residual
+stream keeps most of its energy in a few massive dimensions, and a plain cosine would see only those.
 
 - `block`: the decoder layer's output. The layer's OTHER groups stay dense, so every group's problem
   is independent of the others (same result in any order, and groups can be learned in parallel).
@@ -36,13 +38,24 @@ def run_call(call: LayerCall, layer: nn.Module, hidden: torch.Tensor, params: di
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def cosine_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - cosine similarity of the last dimension, averaged over all tokens."""
-    return 1 - torch.nn.functional.cosine_similarity(output.float(), target.float(), dim=-1).mean()
+def cosine_loss(output: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - cosine similarity of the last dimension, averaged over all tokens; features divided by `scale` first."""
+    output, target = output.float(), target.float()
+    if scale is not None:
+        output, target = output / scale, target / scale
+    return 1 - torch.nn.functional.cosine_similarity(output, target, dim=-1).mean()
+
+
+def feature_scale(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-feature RMS over every token of `outputs` (floored so that dead features do not divide by 0)."""
+    flat = torch.cat([o.float().reshape(-1, o.shape[-1]) for o in outputs])
+    rms = flat.pow(2).mean(dim=0).sqrt()
+    return rms.clamp_min(1e-6 * float(rms.max().clamp_min(1e-30)))
 
 
 class ScopeObjective:
-    """1 - cos(output with the group's candidate weights, dense output), over a few cached batches.
+    """1 - cos(output with the group's candidate weights, dense output), features standardised by the
+    dense output's per-feature RMS, over a few cached batches.
 
     `names` are the group's linears (qualified inside `layer`); `later` are the decoder layers run
     after `layer` (empty for the `block` scope) with their indices, and `final_norm` the module applied
@@ -60,6 +73,7 @@ class ScopeObjective:
         self.params = {name: p.detach() for name, p in layer.named_parameters()}
         with torch.no_grad():
             self.targets = [self._forward(self.params, h) for h in self.hidden]
+        self.scale = feature_scale(self.targets)
 
     def _forward(self, params: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
         """The scope's output for one batch with the current layer's `params`."""
@@ -76,7 +90,7 @@ class ScopeObjective:
         params = dict(self.params)
         for name, weight in zip(self.names, masked_weights):
             params[f"{name}.weight"] = weight.to(self.params[f"{name}.weight"].dtype)
-        losses = [cosine_loss(self._forward(params, h), t) for h, t in zip(self.hidden, self.targets)]
+        losses = [cosine_loss(self._forward(params, h), t, self.scale) for h, t in zip(self.hidden, self.targets)]
         return torch.stack(losses).mean()
 
 

@@ -10,7 +10,7 @@ from optimum_permllm.algorithms.learned_permutation import learn_permutation
 from optimum_permllm.algorithms.heuristic_permutation import heuristic_permutation
 from optimum_permllm.algorithms.scores import wanda_scores
 from optimum_permllm.pipeline.capture import capture
-from optimum_permllm.pipeline.scopes import cosine_loss, scope_loss_fn
+from optimum_permllm.pipeline.scopes import cosine_loss, feature_scale, scope_loss_fn
 from optimum_permllm.pipeline.structure import find_decoder_layers
 from optimum_permllm.sparse.nm import nm_mask
 
@@ -34,18 +34,22 @@ def _pruned(layer):
 
 
 def _reference(layers, cache, index, pruned, through):
-    """Edit a copy of the layers and run them: 1 - cos against the untouched dense run."""
+    """Edit a copy of the layers and run them: 1 - cos against the untouched dense run, every feature
+    divided by its RMS over the dense outputs."""
     edited = copy.deepcopy(layers)
     with torch.no_grad():
         for name, w in zip(GROUP, pruned):
             edited[index].get_submodule(name).weight.copy_(w)
-        losses = []
+        outs, refs = [], []
         for h in cache.hidden[:2]:
             out, ref = h, h
             for j in range(index, through + 1):
                 out = cache.call_for(j, out).run(edited[j], out)
                 ref = cache.call_for(j, ref).run(layers[j], ref)
-            losses.append(cosine_loss(out, ref))
+            outs.append(out)
+            refs.append(ref)
+        rms = torch.cat([r.reshape(-1, r.shape[-1]) for r in refs]).pow(2).mean(0).sqrt()
+        losses = [1 - torch.nn.functional.cosine_similarity(o / rms, r / rms, dim=-1).mean() for o, r in zip(outs, refs)]
     return float(torch.stack(losses).mean())
 
 
@@ -95,3 +99,15 @@ def test_learning_on_the_block_scope_never_loses_to_its_init(setup):
         out[:, result.perm] = w[:, result.perm].masked_fill(~mask, 0)
         pruned.append(out)
     assert result.best_loss == pytest.approx(float(loss_fn(pruned)), rel=1e-4, abs=1e-7)
+
+
+def test_standardised_cosine_sees_every_feature_not_only_the_massive_one():
+    torch.manual_seed(0)
+    target = torch.randn(4, 8, 16)
+    target[..., 0] = 1000.0  # one massive feature, as in an LLM residual stream
+    damaged = target.clone()
+    damaged[..., 1:] = torch.randn(4, 8, 15)  # every other feature replaced by noise
+    assert float(cosine_loss(damaged, target)) < 1e-4  # a plain cosine barely notices
+    scale = feature_scale([target])
+    assert float(cosine_loss(damaged, target, scale)) > 0.5
+    assert torch.allclose(scale[1:], target[..., 1:].pow(2).mean(dim=(0, 1)).sqrt())
