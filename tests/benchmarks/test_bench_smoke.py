@@ -1,5 +1,6 @@
 """The benchmark scripts run in their CPU smoke modes and print Markdown tables."""
 
+import json
 import os
 import re
 import subprocess
@@ -56,3 +57,11 @@ def test_bench_residual_energy_reports_shares_of_a_tiny_model(tmp_path):
             if row[0].strip().isdigit()]
     assert [int(row[0]) for row in rows] == [1, 2]  # the tiny model has 2 decoder layers
     assert all(0 < float(row[2]) <= 1 for row in rows)
+
+
+def test_bench_learned_layer_time_cpu_smoke():
+    out = run_script("bench_learned_layer_time.py", "--device", "cpu", "--hidden", "128", "--mlp", "256", "--heads", "2",
+                     "--layers", "1", "--num-samples", "2", "--seq-len", "32")
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["shape"] == "hidden 128, mlp 256, 2 heads" and len(report["seconds_per_layer"]) == 1
+    assert 0 < report["seconds_per_layer"][0] <= report["total_seconds_with_capture"]
