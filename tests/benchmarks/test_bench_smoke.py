@@ -65,3 +65,12 @@ def test_bench_learned_layer_time_cpu_smoke():
     report = json.loads(out.strip().splitlines()[-1])
     assert report["shape"] == "hidden 128, mlp 256, 2 heads" and len(report["seconds_per_layer"]) == 1
     assert 0 < report["seconds_per_layer"][0] <= report["total_seconds_with_capture"]
+
+
+def test_bench_error_rows_reports_heuristic_and_learned_errors_on_smollm2():
+    out = run_script("bench_error_rows.py", "--layers", "29", "--num-samples", "1", "--seq-len", "64")
+    rows = table_rows(out, "29")
+    assert [row[1] for row in rows] == ["o_proj", "down_proj"]
+    for row in rows:
+        heuristic, learned = (float(x) for x in row[4].split(" / "))
+        assert 0 < learned <= heuristic  # the learned permutation never loses on its own objective
