@@ -16,18 +16,15 @@ import argparse
 
 import torch
 
-from bench_learned_layers import collect, heuristic, load_model
+from bench_learned_layers import collect, heuristic, load_model, wanda_pruned
 
 from optimum_permllm.algorithms.learned_permutation import learn_permutation
-from optimum_permllm.algorithms.scores import wanda_scores
-from optimum_permllm.sparse.nm import nm_mask
 
 
 def row_errors(weight, gram, norms, perm) -> torch.Tensor:
     """Exact output error of every row of the 2:4 Wanda-pruned `weight` with input permutation `perm`."""
-    mask = nm_mask(wanda_scores(weight, norms)[:, perm], 2, 4)
-    pruned_away = weight[:, perm] * ~mask
-    return ((pruned_away @ gram[perm][:, perm]) * pruned_away).sum(dim=1)
+    pruned_away = weight - wanda_pruned([weight], norms, perm)[0]
+    return ((pruned_away @ gram) * pruned_away).sum(dim=1)
 
 
 def next_norm_gains(model, index: int) -> dict[str, torch.Tensor]:

@@ -79,9 +79,8 @@ def collect(model, tokenizer, layers: list[int], num_samples: int, seq_len: int,
     return out
 
 
-def layer_loss(weights, gram, norms, perm, n=2, m=4) -> float:
-    """Exact relative output error of the group pruned with Wanda scores in `perm` order."""
-    from optimum_permllm.algorithms.learned_permutation import LayerObjective
+def wanda_pruned(weights, norms, perm, n=2, m=4) -> list[torch.Tensor]:
+    """The group's weights N:M-pruned with Wanda scores in `perm` order, back in the original column order."""
     from optimum_permllm.algorithms.scores import wanda_scores
     from optimum_permllm.sparse.nm import nm_mask
 
@@ -91,7 +90,14 @@ def layer_loss(weights, gram, norms, perm, n=2, m=4) -> float:
         restored = torch.empty_like(w)
         restored[:, perm] = w[:, perm].masked_fill(~mask, 0)
         pruned.append(restored)
-    return float(LayerObjective(weights, gram)(pruned))
+    return pruned
+
+
+def layer_loss(weights, gram, norms, perm, n=2, m=4) -> float:
+    """Exact relative output error of the group pruned with Wanda scores in `perm` order."""
+    from optimum_permllm.algorithms.learned_permutation import LayerObjective
+
+    return float(LayerObjective(weights, gram)(wanda_pruned(weights, norms, perm, n, m)))
 
 
 def heuristic(weights, norms, n=2, m=4) -> torch.Tensor:

@@ -99,7 +99,10 @@ def fold_layer_permutations(layer: nn.Module, index: int, cache: CalibrationCach
     sample = cache.hidden[0]
     call = cache.call_for(index, sample)
     reference = call.run(layer, sample)
-    check = lambda: _same_output(call.run(layer, sample), reference)  # noqa: E731
+
+    def check() -> bool:
+        return _same_output(call.run(layer, sample), reference)
+
     folded = _fold_into_linears(layer, check)
     folded += _fold_into_norms(layer, call, sample, check)
     folded += _fold_into_values(layer, head_fold_candidates(layer, heads, list(groups)), heads, check)

@@ -4,7 +4,6 @@ Runs in CI (the setup script installs the asset wheels); uses a tiny calibration
 takes about a minute on a 2-core CPU. The accuracy figures come from benchmarks/, not from here.
 """
 
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -12,7 +11,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from optimum_permllm import PermLLMConfig, PermLLMSparsifier, PermutedSparseLinear
 from optimum_permllm.nn.permuted_norm import PermutedOutputNorm
 from optimum_permllm.sparse import check_nm
-
 
 
 @pytest.fixture(scope="module")
