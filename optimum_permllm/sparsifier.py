@@ -11,6 +11,7 @@ from torch import nn
 from .config import PermLLMConfig
 from .nn.permuted_norm import PermutedOutputNorm
 from .nn.permuted_sparse_linear import PermutedSparseLinear
+from .pipeline.offload import align_hooks, execution_device, on_device
 from .pipeline.structure import prunable_linears, set_submodule
 from .sparse.permutation import compose
 
@@ -117,31 +118,54 @@ class PermLLMSparsifier:
         """Replace every PermutedSparseLinear by the equivalent dense nn.Linear (zeros in place).
 
         Permutations folded into norms are first moved back into the linears that read them, so that
-        the exported model is a plain one with the original norms."""
-        unfold_norms(model)
-        for name, module in list(model.named_modules()):
-            if isinstance(module, PermutedSparseLinear):
-                set_submodule(model, name, module.to_linear())
+        the exported model is a plain one with the original norms. An accelerate-offloaded model stays
+        offloaded: each offloaded block is loaded, converted and written back to its CPU store."""
+        readers = _norm_readers(model)
+        for block in _offloaded_blocks(model):
+            with on_device(block, execution_device([block]) or torch.device("cpu")):
+                _to_dense(block, readers)
+        _to_dense(model, readers)
         return model
 
 
-@torch.no_grad()
-def unfold_norms(model: nn.Module) -> None:
-    """Give each PermutedOutputNorm's permutation back to the linears reading it, and unwrap the norm."""
-    norms = {name: m for name, m in model.named_modules() if isinstance(m, PermutedOutputNorm)}
-    if not norms:
-        return
+def _norm_readers(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """The linears reading each PermutedOutputNorm (keyed by id), found with one probe forward."""
+    if not any(isinstance(m, PermutedOutputNorm) for m in model.modules()):
+        return {}
     from .pipeline.folding import norm_consumers
 
-    device = next(model.parameters()).device
+    device = execution_device([model]) or next(model.parameters()).device
     probe = torch.zeros(1, 8, dtype=torch.long, device=device)
-    consumers = norm_consumers(model, lambda: model(input_ids=probe, use_cache=False))
-    for name, norm in norms.items():
-        for reader in consumers.get(name, []):
-            layer = model.get_submodule(reader)
+    with torch.no_grad():
+        consumers = norm_consumers(model, lambda: model(input_ids=probe, use_cache=False))
+    return {id(model.get_submodule(name)): [model.get_submodule(reader) for reader in names]
+            for name, names in consumers.items() if name}
+
+
+def _offloaded_blocks(model: nn.Module) -> list[nn.Module]:
+    """The outermost modules that accelerate offloads and that hold sparse layers or permuted norms."""
+    blocks = []
+    for module in model.modules():
+        inside = any(module in block.modules() for block in blocks)
+        holds = any(isinstance(m, (PermutedSparseLinear, PermutedOutputNorm)) for m in module.modules())
+        if not inside and holds and any(h.offload for h in align_hooks(module)):
+            blocks.append(module)
+    return blocks
+
+
+@torch.no_grad()
+def _to_dense(root: nn.Module, readers: dict[int, list[nn.Module]]) -> None:
+    """Give each permuted norm of `root` back to its readers and unwrap it, then make its sparse linears dense."""
+    for name, norm in [(n, m) for n, m in root.named_modules() if isinstance(m, PermutedOutputNorm)]:
+        for layer in readers.get(id(norm), []):
+            if layer.input_perm.is_meta:
+                raise ValueError("A permuted norm and a linear reading it are offloaded separately, so the norm's "
+                                 "permutation cannot be moved back; load the model without device_map to dequantize it.")
             layer.input_perm.data = compose(norm.output_perm, layer.input_perm)
             layer.invalidate_cache()
-        set_submodule(model, name, norm.unwrap())
+        set_submodule(root, name, norm.unwrap())
+    for name, module in [(n, m) for n, m in root.named_modules() if isinstance(m, PermutedSparseLinear)]:
+        set_submodule(root, name, module.to_linear())
 
 
 def _mark_sparse(model: nn.Module, config: PermLLMConfig) -> None:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import torch
 
 from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
@@ -43,7 +44,8 @@ class PermLLMHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         model = PermLLMSparsifier.dequantize_model(model)
-        if dtype is not None:
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # transformers may pass "float32"
+        if dtype is not None and any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
             model.to(dtype)
         return model
 

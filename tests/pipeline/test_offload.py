@@ -83,6 +83,9 @@ def test_prune_on_load_with_a_cpu_device_map_then_save_and_reload(tmp_path):
     with pytest.warns(UserWarning, match="offloaded modules"):
         model.save_pretrained(tmp_path / "sparse")
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")(ids).logits, expected)
+    dense = model.dequantize()  # transformers' call: the offloaded layer is converted in its CPU store
+    assert _sparse_count(dense) == 0 and dense.model.layers[0].self_attn.q_proj.weight.is_meta
+    torch.testing.assert_close(dense(ids).logits, expected, rtol=1e-4, atol=1e-5)  # sums in the original column order
 
 
 def test_disk_offloaded_model_is_refused_before_any_change(tmp_path):
@@ -120,3 +123,23 @@ def test_offloaded_layer_with_a_tensor_no_hook_loads_is_refused_before_any_chang
     with pytest.raises(ValueError, match=message):
         sparsify_layerwise(model, _ids(), PermLLMConfig(), progress=False)
     assert _sparse_count(model) == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_dequantize_an_offloaded_pruned_model_keeps_it_offloaded_and_equal(family):
+    from optimum_permllm import PermLLMSparsifier
+
+    reference = tiny_model(family)
+    offloaded = cpu_offload(copy.deepcopy(reference), execution_device=CPU)
+    config = PermLLMConfig(metric="wanda", permutation="heuristic")
+    for model in (reference, offloaded):
+        sparsify_layerwise(model, _ids(), config, progress=False)
+        PermLLMSparsifier.dequantize_model(model)
+    assert _sparse_count(offloaded) == 0
+    assert not any(isinstance(m, PermutedOutputNorm) for m in offloaded.modules())
+    with torch.no_grad():
+        assert torch.equal(offloaded(_ids(seed=1)).logits, reference(_ids(seed=1)).logits)
+    for layer, dense in zip(_decoder_layers(offloaded), _decoder_layers(reference)):
+        assert all(t.is_meta for _, t in named_module_tensors(layer, include_buffers=True, recurse=True))
+        store, expected = layer._hf_hook.weights_map, dense.state_dict()
+        assert set(store) == set(expected) and all(torch.equal(store[k], expected[k]) for k in expected)
