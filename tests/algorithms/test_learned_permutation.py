@@ -51,18 +51,36 @@ def pruned(weight, perm, norms, n=2, m=4):
 
 
 def token_loss(weights, x, perm, norms):
-    """Relative output error measured on the tokens themselves."""
+    """Summed output error over summed output energy, measured on the tokens (the swap search's loss)."""
     err = sum(((x @ w.T - x @ pruned(w, perm, norms).T) ** 2).sum() for w in weights)
     return float(err / sum(((x @ w.T) ** 2).sum() for w in weights))
 
 
+def mean_token_loss(weights, x, perm, norms):
+    """Mean over layers of each layer's relative output error, measured on the tokens (the layer objective)."""
+    return sum(token_loss([w], x, perm, norms) for w in weights) / len(weights)
+
+
 def test_layer_objective_equals_token_error():
     weights, x, gram, norms = make_group()
+    weights[1] = weights[1] * 30  # very different output energies: each layer still counts the same
     perm = torch.randperm(32, generator=torch.Generator().manual_seed(1))
     objective = LayerObjective(weights, gram)
     value = float(objective([pruned(w, perm, norms) for w in weights]))
-    assert value == pytest.approx(token_loss(weights, x, perm, norms), rel=1e-4)
+    assert value == pytest.approx(mean_token_loss(weights, x, perm, norms), rel=1e-4)
+    assert value != pytest.approx(token_loss(weights, x, perm, norms), rel=1e-2)
     assert float(objective(weights)) == 0.0
+
+
+def test_learning_ignores_the_scale_of_each_layer():
+    # q*c with k/c, or up*c with down/c, is the same model: the learned permutation must not change.
+    weights, x, gram, norms = make_group(channels=64, outs=(48, 16), seed=4)
+    init = heuristic_permutation(_group_scores(weights, norms), 2, 4)
+    plain = learn_permutation(weights, gram, norms, 2, 4, init_perm=init, block_size=32, steps=3, refine_rounds=3)
+    scaled = [weights[0] * 8, weights[1] / 4]  # powers of two: the scaled arithmetic is exact
+    again = learn_permutation(scaled, gram, norms, 2, 4, init_perm=init, block_size=32, steps=3, refine_rounds=3)
+    assert torch.equal(plain.perm, again.perm)
+    assert again.best_loss == pytest.approx(plain.best_loss, rel=1e-5)
 
 
 def test_block_size_must_divide_channels():
@@ -151,8 +169,8 @@ def test_result_is_valid_exact_and_never_worse_than_init(method):
     init = torch.randperm(32, generator=torch.Generator().manual_seed(7))
     result = learn_permutation(weights, gram, norms, 2, 4, method=method, init_perm=init, block_size=16, steps=8)
     check_permutation(result.perm, 32)
-    assert result.init_loss == pytest.approx(token_loss(weights, x, init, norms), rel=1e-4)
-    assert result.best_loss == pytest.approx(token_loss(weights, x, result.perm, norms), rel=1e-4)
+    assert result.init_loss == pytest.approx(mean_token_loss(weights, x, init, norms), rel=1e-4)
+    assert result.best_loss == pytest.approx(mean_token_loss(weights, x, result.perm, norms), rel=1e-4)
     assert result.best_loss <= result.init_loss and result.best_loss == min(result.history)
     assert len(result.history) == 10 and all(check_nm(pruned(w, result.perm, norms)[:, result.perm], 2, 4) for w in weights)
 
@@ -185,11 +203,11 @@ def test_quality_beats_identity_and_heuristic_on_correlated_inputs():
     weights, x, gram, norms = make_group(channels=128, outs=(128, 128), seed=0, heavy=8, rank=16)
     scores = torch.cat([wanda_scores(w, norms) for w in weights])
     init = heuristic_permutation(scores, 2, 4)
-    identity_loss = token_loss(weights, x, torch.arange(128), norms)
+    identity_loss = mean_token_loss(weights, x, torch.arange(128), norms)
     result = learn_permutation(weights, gram, norms, 2, 4, init_perm=init, steps=40)
-    assert result.init_loss == pytest.approx(token_loss(weights, x, init, norms), rel=1e-4)
+    assert result.init_loss == pytest.approx(mean_token_loss(weights, x, init, norms), rel=1e-4)
     assert result.best_loss < 0.98 * min(identity_loss, result.init_loss)
-    assert result.best_loss == pytest.approx(token_loss(weights, x, result.perm, norms), rel=1e-4)
+    assert result.best_loss == pytest.approx(mean_token_loss(weights, x, result.perm, norms), rel=1e-4)
 
 
 def test_rejects_bad_arguments():
@@ -273,4 +291,4 @@ def test_learned_permutation_with_refinement_beats_the_heuristic_init():
     init = heuristic_permutation(_group_scores(weights, norms), 2, 4)
     result = learn_permutation(weights, gram, norms, 2, 4, init_perm=init, block_size=32, steps=2, refine_rounds=6)
     assert result.best_loss < 0.97 * result.init_loss
-    assert result.best_loss == pytest.approx(token_loss(weights, x, result.perm, norms), rel=1e-4)
+    assert result.best_loss == pytest.approx(mean_token_loss(weights, x, result.perm, norms), rel=1e-4)
