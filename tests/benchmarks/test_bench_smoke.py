@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -74,3 +76,16 @@ def test_bench_error_rows_reports_heuristic_and_learned_errors_on_smollm2():
     for row in rows:
         heuristic, learned = (float(x) for x in row[4].split(" / "))
         assert 0 < learned <= heuristic  # the learned permutation never loses on its own objective
+
+
+def test_bench_member_errors_reports_every_member_of_the_shared_input_groups():
+    out = run_script("bench_member_errors.py", "--layers", "29", "--metric", "wanda", "--num-samples", "1",
+                     "--seq-len", "64")
+    rows = table_rows(out, "wanda")
+    assert [row[3] for row in rows] == ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+    for group in ("q_proj", "gate_proj"):
+        shares = [float(row[4]) for row in rows if row[2] == group]
+        assert sum(shares) == pytest.approx(1, abs=2e-3) and all(0 < s < 1 for s in shares)
+        heuristic, learned = ([float(row[col]) for row in rows if row[2] == group] for col in (5, 6))
+        assert sum(learned) <= sum(heuristic) * (1 + 1e-4)  # the objective is the members' mean error
+    assert all(0 < float(row[5]) < 1 and 0 < float(row[6]) < 1 for row in rows)
