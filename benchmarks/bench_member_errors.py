@@ -7,6 +7,8 @@ a ratio of summed errors (before session 4) the member with the largest outputs 
 learned permutation could trade v_proj's error for q_proj's. Example (the figures in BENCHMARKS.md):
 
     OMP_NUM_THREADS=1 python benchmarks/bench_member_errors.py --layers 3 15 27 --metric ria wanda
+
+With PYTHONPATH set to a checkout of an older commit, the same table shows that version's learner.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from bench_learned_layers import GROUPS, collect, load_model
 
 from optimum_permllm.algorithms.heuristic_permutation import heuristic_permutation
-from optimum_permllm.algorithms.learned_permutation import LayerObjective, learn_permutation, output_energies
+from optimum_permllm.algorithms.learned_permutation import LayerObjective, learn_permutation
 from optimum_permllm.algorithms.scores import score_fn
 from optimum_permllm.sparse.nm import nm_mask
 
@@ -60,7 +62,7 @@ def main(argv=None) -> None:
                 scores = torch.cat([score_fn(metric)(w, norms) for w in weights])
                 init = heuristic_permutation(scores, 2, 4)
                 learned = learn_permutation(weights, gram, norms, 2, 4, metric=metric, init_perm=init).perm
-                energies = output_energies(weights, gram)
+                energies = [float(((w @ gram) * w).sum()) for w in weights]
                 before = member_errors(weights, gram, norms, init, metric)
                 after = member_errors(weights, gram, norms, learned, metric)
                 names = [name.split(".")[-1] for name in GROUPS[leader]]
