@@ -49,7 +49,8 @@ def run_one(args) -> dict:
     source = args.model or str(smollm2_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    row = {"method": args.one, "sparsity": args.sparsity if args.one != "dense" else "-", "model": source}
+    row = {"method": args.one, "sparsity": args.sparsity if args.one != "dense" else "-", "model": source,
+           "seed": args.seed, "num_samples": args.num_samples}
     start = time.perf_counter()
     if args.one != "dense":
         config = PermLLMConfig(sparsity=args.sparsity, num_samples=args.num_samples, seq_len=args.seq_len,
