@@ -51,10 +51,13 @@ def run_one(args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     row = {"method": args.one, "sparsity": args.sparsity if args.one != "dense" else "-", "model": source,
            "seed": args.seed, "num_samples": args.num_samples}
+    if args.keep_dense:
+        row["keep_dense"] = args.keep_dense
     start = time.perf_counter()
     if args.one != "dense":
         config = PermLLMConfig(sparsity=args.sparsity, num_samples=args.num_samples, seq_len=args.seq_len,
-                               dataset=args.dataset, steps=args.steps, seed=args.seed, **parse_method(args.one))
+                               dataset=args.dataset, steps=args.steps, seed=args.seed,
+                               modules_to_not_convert=args.keep_dense, **parse_method(args.one))
         PermLLMSparsifier(config).sparsify_model(model, tokenizer, progress=False)
     row["prune_seconds"] = round(time.perf_counter() - start, 1)
     row["perplexity"] = round(perplexity(model, tokenizer, seq_len=512, max_windows=args.eval_windows), 3)
@@ -94,6 +97,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="calibration windows (and learned-permutation) seed")
     parser.add_argument("--steps", type=int, default=None, help="learned-permutation steps (None: default)")
     parser.add_argument("--eval-windows", type=int, default=24)
+    parser.add_argument("--keep-dense", nargs="+", default=None, metavar="NAME",
+                        help="linears left dense (name suffixes, e.g. q_proj k_proj): prune only the others")
     parser.add_argument("--zero-shot-limit", type=int, default=0, help="rows per zero-shot task (0: skip)")
     parser.add_argument("--jsonl", default=None, help="append each row to this file")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)

@@ -28,10 +28,10 @@ def load_rows(paths: list[str]) -> list[dict]:
 
 
 def by_setting(rows: list[dict]) -> dict[tuple, dict[int, float]]:
-    """{(method, sparsity, num_samples): {seed: perplexity}}; a repeated seed keeps its last row."""
+    """{(method, sparsity, num_samples, linears left dense): {seed: perplexity}}; a repeated seed keeps its last row."""
     table: dict[tuple, dict[int, float]] = defaultdict(dict)
     for row in rows:
-        key = (row["method"], row.get("sparsity", "-"), row.get("num_samples"))
+        key = (row["method"], row.get("sparsity", "-"), row.get("num_samples"), " ".join(row.get("keep_dense") or []) or "-")
         table[key][int(row.get("seed", 0))] = float(row["perplexity"])
     return table
 
@@ -57,20 +57,20 @@ def paired(method: dict[int, float], reference: dict[int, float]) -> tuple[int, 
 def summary(rows: list[dict], reference: str | None) -> str:
     """The Markdown table."""
     table = by_setting(rows)
-    lines = ["| method | sparsity | samples | perplexity per seed | mean +/- sd | vs reference (same seeds) | lower on |",
-             "|---|---|---|---|---|---|---|"]
-    for (method, sparsity, samples), seeds in sorted(table.items(), key=lambda item: str(item[0])):
+    lines = ["| method | sparsity | samples | left dense | perplexity per seed | mean +/- sd | vs reference (same seeds) | lower on |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (method, sparsity, samples, dense), seeds in sorted(table.items(), key=lambda item: str(item[0])):
         per_seed = ", ".join(f"s{s}: {seeds[s]:.2f}" for s in sorted(seeds))
         mean, sd = mean_sd(list(seeds.values()))
         versus, lower = "-", "-"
-        ref = table.get((reference or method.partition("+")[0] + "+cp", sparsity, samples))
+        ref = table.get((reference or method.partition("+")[0] + "+cp", sparsity, samples, dense))
         if ref is not None and ref is not seeds:
             count, diff, error, wins = paired(seeds, ref)
             if count:
                 spread = f" +/- {error:.2f}" if count > 1 else ""
                 versus = f"{diff:+.2f}{spread} ({count} seed{'s' if count > 1 else ''})"
                 lower = f"{wins}/{count}"
-        lines.append(f"| {method} | {sparsity} | {samples} | {per_seed} | {mean:.2f} +/- {sd:.2f} | {versus} | {lower} |")
+        lines.append(f"| {method} | {sparsity} | {samples} | {dense} | {per_seed} | {mean:.2f} +/- {sd:.2f} | {versus} | {lower} |")
     return "\n".join(lines)
 
 

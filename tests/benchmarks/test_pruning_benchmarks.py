@@ -44,10 +44,13 @@ def test_seed_summary_pairs_each_method_with_its_own_heuristic_on_common_seeds()
                             ("wanda+learned", 0, 66.0), ("wanda+learned", 1, 74.0),  # seed 2 missing
                             ("ria+cp", 0, 74.0), ("ria+learned", 0, 80.0)]]
     rows.append({"method": "wanda+learned", "sparsity": "2:4", "num_samples": 64, "seed": 0, "perplexity": 1.0})
-    lines = {tuple(c.strip() for c in line.strip("|").split("|")[:3]): line for line in summary(rows, None).splitlines()}
-    learned = lines[("wanda+learned", "2:4", "16")]
+    rows.append({"method": "wanda+learned", "sparsity": "2:4", "num_samples": 16, "seed": 0, "perplexity": 1.0,
+                 "keep_dense": ["q_proj", "k_proj"]})
+    lines = {tuple(c.strip() for c in line.strip("|").split("|")[:4]): line for line in summary(rows, None).splitlines()}
+    learned = lines[("wanda+learned", "2:4", "16", "-")]
     assert "-3.00 +/- 1.00 (2 seeds)" in learned and "| 2/2 |" in learned  # diffs -4 and -2: mean -3, s.e. 1
-    assert "+6.00 (1 seed)" in lines[("ria+learned", "2:4", "16")]  # paired with ria+cp, not wanda+cp
-    assert lines[("wanda+learned", "2:4", "64")].endswith("| - | - |")  # no heuristic at 64 samples
+    assert "+6.00 (1 seed)" in lines[("ria+learned", "2:4", "16", "-")]  # paired with ria+cp, not wanda+cp
+    assert lines[("wanda+learned", "2:4", "64", "-")].endswith("| - | - |")  # no heuristic at 64 samples
+    assert lines[("wanda+learned", "2:4", "16", "q_proj k_proj")].endswith("| - | - |")  # another setting
     against = summary(rows, "wanda+learned").splitlines()
     assert any(line.startswith("| wanda+cp | 2:4 | 16 |") and "+3.00 +/- 1.00" in line for line in against)
