@@ -48,9 +48,9 @@ def run_one(args) -> dict:
     torch.manual_seed(0)
     source = args.model or str(smollm2_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval().to(args.device)
     row = {"method": args.one, "sparsity": args.sparsity if args.one != "dense" else "-", "model": source,
-           "seed": args.seed, "num_samples": args.num_samples}
+           "seed": args.seed, "num_samples": args.num_samples, "device": args.device}
     if args.keep_dense:
         row["keep_dense"] = args.keep_dense
     start = time.perf_counter()
@@ -97,6 +97,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="calibration windows (and learned-permutation) seed")
     parser.add_argument("--steps", type=int, default=None, help="learned-permutation steps (None: default)")
     parser.add_argument("--eval-windows", type=int, default=24)
+    parser.add_argument("--device", default="cpu", help="where the model is pruned and evaluated (e.g. cuda)")
     parser.add_argument("--keep-dense", nargs="+", default=None, metavar="NAME",
                         help="linears left dense (name suffixes, e.g. q_proj k_proj): prune only the others")
     parser.add_argument("--zero-shot-limit", type=int, default=0, help="rows per zero-shot task (0: skip)")
