@@ -89,3 +89,21 @@ def test_bench_member_errors_reports_every_member_of_the_shared_input_groups():
         heuristic, learned = ([float(row[col]) for row in rows if row[2] == group] for col in (5, 6))
         assert sum(learned) <= sum(heuristic) * (1 + 1e-4)  # the objective is the members' mean error
     assert all(0 < float(row[5]) < 1 and 0 < float(row[6]) < 1 for row in rows)
+
+
+def test_bench_pruning_keep_dense_leaves_those_linears_untouched(tmp_path):
+    from ..conftest import save_tiny_dense
+
+    save_tiny_dense(tmp_path / "tiny", family="llama")
+    common = ["--model", str(tmp_path / "tiny"), "--num-samples", "2", "--seq-len", "32", "--eval-windows", "2",
+              "--seed", "3"]
+    every_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    rows = {}
+    for name, extra in [("all dense", ["--keep-dense", *every_linear]), ("pruned", [])]:
+        jsonl = tmp_path / f"{name}.jsonl"
+        run_script("bench_pruning.py", "--methods", "dense", "wanda", "--jsonl", str(jsonl), *common, *extra)
+        rows[name] = {r["method"]: r for r in map(json.loads, jsonl.read_text().splitlines())}
+    kept = rows["all dense"]["wanda"]
+    assert kept["keep_dense"] == every_linear and kept["seed"] == 3 and kept["num_samples"] == 2
+    assert kept["perplexity"] == rows["all dense"]["dense"]["perplexity"]  # nothing was pruned
+    assert rows["pruned"]["wanda"]["perplexity"] != rows["pruned"]["dense"]["perplexity"]
