@@ -107,3 +107,20 @@ def test_bench_pruning_keep_dense_leaves_those_linears_untouched(tmp_path):
     assert kept["keep_dense"] == every_linear and kept["seed"] == 3 and kept["num_samples"] == 2
     assert kept["perplexity"] == rows["all dense"]["dense"]["perplexity"]  # nothing was pruned
     assert rows["pruned"]["wanda"]["perplexity"] != rows["pruned"]["dense"]["perplexity"]
+
+
+def test_bench_layer_damage_scores_each_layer_and_the_joint_model(tmp_path):
+    from ..conftest import save_tiny_dense
+
+    save_tiny_dense(tmp_path / "tiny", family="llama")
+    common = ["--model", str(tmp_path / "tiny"), "--num-samples", "2", "--seq-len", "32"]
+    out = run_script("bench_layer_damage.py", *common, "--eval-windows", "2")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["layer"] for r in rows] == [0, 1]  # the tiny model has 2 decoder layers
+    for r in rows:  # the learned permutation starts from the heuristic one and keeps the best: never worse
+        assert 0 < r["learned_error"] <= r["heuristic_error"] + 1e-7
+        assert r["heuristic_kl"] > 0 and r["learned_kl"] > 0
+    assert re.search(r"learned lower on \d/2 layers \(error\)", out)
+    joint = [json.loads(line) for line in run_script("bench_layer_damage.py", *common, "--joint").splitlines()
+             if line.startswith("{")]
+    assert [r["method"] for r in joint] == ["heuristic", "learned"] and all(r["perplexity"] > 1 for r in joint)
