@@ -140,11 +140,11 @@ def main(argv=None):
     ids = token_ids(tokenizer, get_evaluation_text())
     damage = Damage(model, ids[: args.eval_windows * args.seq_len].view(args.eval_windows, args.seq_len))
     rows = []
-    for index, linear, weight, s in zip(chosen, linears, dense, stats):
+    for k, (index, linear, weight, s) in enumerate(zip(chosen, linears, dense, stats)):
         row = {"layer": index}
         for method in METHODS:
-            row[f"{method}_error"] = relative_error(weight, pruned[method][chosen.index(index)], s.gram())
-            linear.weight.data.copy_(pruned[method][chosen.index(index)])
+            row[f"{method}_error"] = relative_error(weight, pruned[method][k], s.gram())
+            linear.weight.data.copy_(pruned[method][k])
             row[f"{method}_kl"], row[f"{method}_dnll"] = damage()
             linear.weight.data.copy_(weight)
         rows.append(row)
