@@ -69,9 +69,10 @@ def pruned_weight(weight, stats, method: str, sparsity: str, metric: str):
 
 
 def relative_error(dense, pruned, gram) -> float:
-    """tr(D G D^T) / tr(W G W^T): the `layer` objective of one linear."""
-    delta = dense - pruned
-    return float((delta @ gram * delta).sum() / (dense @ gram * dense).sum())
+    """tr(D G D^T) / tr(W G W^T): the `layer` objective of one linear (the learner's own LayerObjective)."""
+    from optimum_permllm.algorithms.learned_permutation import LayerObjective
+
+    return float(LayerObjective([dense], gram)([pruned]))
 
 
 class Damage:
