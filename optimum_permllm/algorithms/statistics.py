@@ -74,3 +74,44 @@ class InputStatistics:
 
     def __repr__(self) -> str:
         return f"InputStatistics(in_features={self.in_features}, track_gram={self.track_gram}, num_tokens={self.num_tokens})"
+
+
+class DenseTargetStatistics:
+    """Running float32 sums X_s^T X_d and X_d^T X_d over tokens seen by the pruned (s) and dense (d) models.
+
+    With them, the output error of a pruned layer against the DENSE model's output of the same layer,
+    ||X_s W'^T - X_d W^T||^2, is exact without the tokens (`LayerObjective(..., targets=...)`).
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        self.in_features = in_features
+        self.cross_sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.dense_gram_sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.num_tokens = 0
+
+    @torch.no_grad()
+    def add_batch(self, pruned: torch.Tensor, dense: torch.Tensor) -> None:
+        """Add the same tokens as seen by the pruned and by the dense model, both [..., in_features]."""
+        if pruned.shape != dense.shape or pruned.shape[-1] != self.in_features:
+            raise ValueError(f"Expected two inputs of the same shape [..., {self.in_features}], got "
+                             f"{tuple(pruned.shape)} and {tuple(dense.shape)}.")
+        device = self.cross_sum.device
+        xs = pruned.detach().reshape(-1, self.in_features).to(device=device, dtype=torch.float32)
+        xd = dense.detach().reshape(-1, self.in_features).to(device=device, dtype=torch.float32)
+        self.cross_sum += xs.T @ xd
+        self.dense_gram_sum += xd.T @ xd
+        self.num_tokens += xs.shape[0]
+
+    def cross(self) -> torch.Tensor:
+        """X_s^T X_d / n, shape [in_features, in_features] (not symmetric)."""
+        self._require_tokens()
+        return self.cross_sum / self.num_tokens
+
+    def dense_gram(self) -> torch.Tensor:
+        """X_d^T X_d / n: the dense model's input Gram matrix."""
+        self._require_tokens()
+        return self.dense_gram_sum / self.num_tokens
+
+    def _require_tokens(self) -> None:
+        if self.num_tokens == 0:
+            raise RuntimeError("No calibration tokens were added: call add_batch(pruned, dense) first.")
