@@ -273,43 +273,22 @@ class LayerObjective:
     The mean of per-layer ratios, not one ratio of sums: scaling q_proj by c and k_proj by 1/c (or
     up_proj and down_proj) leaves the model unchanged, so the objective must not depend on it; a ratio
     of sums let q_proj's large outputs drown v_proj's error (about 5% of the sum on SmolLM2).
-
-    With `targets` = (cross, dense_gram) = (X^T X_d / n, X_d^T X_d / n), where X_d are the same tokens'
-    inputs in the dense model, the error is measured against the dense model's output X_d W^T instead:
-    mean_l ||X W'_l^T - X_d W_l^T||^2 / ||X_d W_l^T||^2. In a layer-by-layer pipeline X comes from the
-    already-pruned layers, so this lets the choice of pruned weights counter the error arriving from them.
     """
 
-    def __init__(self, weights: Sequence[torch.Tensor], gram: torch.Tensor,
-                 targets: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(self, weights: Sequence[torch.Tensor], gram: torch.Tensor):
         channels = weights[0].shape[1]
         if gram.shape != (channels, channels):
             raise ValueError(f"gram has shape {tuple(gram.shape)}, expected [{channels}, {channels}] (the input width).")
+        energies = output_energies(weights, gram)
         self.dense = torch.cat([w.detach().float() for w in weights])
         self.gram = 0.5 * (gram.detach().float() + gram.detach().float().T)
-        energies = output_energies(weights, gram if targets is None else targets[1])
         scales = [torch.full((w.shape[0], 1), (len(weights) * e) ** -0.5) for w, e in zip(weights, energies)]
         self.row_scale = torch.cat(scales).to(self.dense.device)
-        self.linear, self.constant = None, 0.0
-        if targets is not None:
-            self.linear, self.constant = self._dense_target_terms(*targets)
-
-    def _dense_target_terms(self, cross: torch.Tensor, dense_gram: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """With D = W - W' (row-scaled): ||X W'^T - X_d W^T||^2 = tr(D G D^T) - 2 sum(D * B) + e0, where
-        B = W (G - C)^T for the cross-Gram C, and e0 = tr(W (G - C - C^T + G_d) W^T) is the error already there."""
-        cross = cross.detach().float()
-        scaled = self.dense * self.row_scale
-        linear = scaled @ (self.gram - cross).T
-        arriving = self.gram - cross - cross.T + dense_gram.detach().float()
-        return linear, float((scaled * (scaled @ arriving)).sum())
 
     def __call__(self, masked_weights: Sequence[torch.Tensor]) -> torch.Tensor:
         """The mean relative error of `masked_weights` (the pruned layers, original column order)."""
         delta = (self.dense - torch.cat(list(masked_weights))) * self.row_scale
-        loss = _GramQuadratic.apply(delta, self.gram)
-        if self.linear is not None:
-            loss = loss - 2 * (delta * self.linear).sum() + self.constant
-        return loss
+        return _GramQuadratic.apply(delta, self.gram)
 
 
 @dataclass

@@ -37,15 +37,10 @@ class LayerCall:
 
 @dataclass
 class CalibrationCache:
-    """Hidden states entering the current layer (one tensor per batch) and each layer's call per batch size.
-
-    `dense_hidden`, when kept, holds what the same layer receives in the DENSE model (the pruned model's
-    hidden states drift from it layer after layer); None when nothing needs it.
-    """
+    """Hidden states entering the current layer (one tensor per batch) and each layer's call per batch size."""
 
     hidden: list[torch.Tensor]
     calls: dict[tuple[int, int], LayerCall] = field(default_factory=dict)  # (layer index, batch size) -> call
-    dense_hidden: list[torch.Tensor] | None = None
 
     def call_for(self, layer_index: int, hidden: torch.Tensor) -> LayerCall:
         return self.calls[(layer_index, hidden.shape[0])]
@@ -54,8 +49,7 @@ class CalibrationCache:
         """Move the hidden states and every tensor in the recorded calls to `device`."""
         calls = {key: LayerCall(_move(c.args, device), _move(c.kwargs, device), c.hidden_in_kwargs)
                  for key, c in self.calls.items()}
-        dense = None if self.dense_hidden is None else [h.to(device) for h in self.dense_hidden]
-        return CalibrationCache([h.to(device) for h in self.hidden], calls, dense)
+        return CalibrationCache([h.to(device) for h in self.hidden], calls)
 
 
 def _move(value, device):

@@ -24,7 +24,7 @@ from .capture import CalibrationCache, capture
 from .distributed import map_across_ranks
 from .offload import check_offload, execution_device, on_device
 from .planning import GroupPlan, block_size_for, plan_group
-from .statistics import collect_dense_targets, collect_statistics
+from .statistics import collect_statistics
 from .structure import attention_heads, find_decoder_layers, layer_linears, set_submodule
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,6 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, config: PermLLMC
     converted: list[str] = []
     with _no_kv_cache(model):
         cache = capture(model, layers, samples, batch_size, model_device)
-        if _uses_dense_targets(config):
-            cache.dense_hidden = list(cache.hidden)
         if device != model_device:
             cache = cache.to(device)
         bar = tqdm(range(len(layers)), desc="permllm: pruning layers", disable=not progress, unit="layer")
@@ -75,10 +73,7 @@ def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, confi
         config.pattern.check_width(linear.in_features, f"{qualified}.{name}.in_features")
     track_gram = config.metric == "sparsegpt" or config.permutation == "learned"
     stats, groups = collect_statistics(layer, index, cache, linears, track_gram)
-    targets = None
-    if cache.dense_hidden is not None:  # the dense layer's outputs feed the next layer's dense targets
-        targets, cache.dense_hidden = collect_dense_targets(layer, index, cache, linears, groups)
-    learn = _learner(config, layer, index, cache, later_layers, targets)
+    learn = _learner(config, layer, index, cache, later_layers)
     head_shaped = _head_shaped_groups(layer, heads, groups, config)
 
     def plan_one(group):  # groups are independent, so under torch.distributed each rank plans a share
@@ -116,17 +111,7 @@ def _replace_group(layer, linears, group, plan: GroupPlan, config: PermLLMConfig
         set_submodule(layer, name, sparse)
 
 
-def _uses_dense_targets(config: PermLLMConfig) -> bool:
-    """Whether the pipeline carries the dense model's hidden states (for the `layer` objective's target)."""
-    return config.permutation == "learned" and config.scope == "layer" and _TARGET != "pruned"
-
-
-import os
-_TARGET = os.environ.get("PERMLLM_TARGET", "pruned")  # EXPERIMENT: pruned | dense | dense-stats
-
-
-def _learner(config: PermLLMConfig, layer: nn.Module, index: int, cache: CalibrationCache, later_layers=(),
-             targets=None):
+def _learner(config: PermLLMConfig, layer: nn.Module, index: int, cache: CalibrationCache, later_layers=()):
     """The learned-permutation step `learn(group, weights, stats, init_perm)`, in the configured scope."""
     if config.permutation != "learned":
         return None
@@ -139,14 +124,7 @@ def _learner(config: PermLLMConfig, layer: nn.Module, index: int, cache: Calibra
         kwargs = {"steps": config.steps} if config.steps is not None else {}
         with torch.enable_grad():  # the pruning pass runs under no_grad; learning needs gradients
             loss_fn = scope_loss_fn(config.scope, layer, index, cache, group, later_layers=later_layers)
-            gram = stats.gram()
-            if targets is not None and _TARGET == "dense":
-                from ..algorithms.learned_permutation import LayerObjective
-                t = targets[group[0]]
-                loss_fn = LayerObjective(weights, gram, (t.cross(), t.dense_gram()))
-            elif targets is not None and _TARGET == "dense-stats":
-                gram = targets[group[0]].dense_gram()
-            result = learn_permutation(weights, gram, stats.feature_norms(), config.pattern.n,
+            result = learn_permutation(weights, stats.gram(), stats.feature_norms(), config.pattern.n,
                                        config.pattern.m,
                                        metric="ria" if config.metric == "ria" else "wanda", method=config.learner,
                                        init_perm=init_perm, block_size=block, lr=config.lr, seed=config.seed,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..algorithms.statistics import DenseTargetStatistics, InputStatistics
+from ..algorithms.statistics import InputStatistics
 from .capture import CalibrationCache
 
 
@@ -51,41 +51,6 @@ def collect_statistics(layer: nn.Module, layer_index: int, cache: CalibrationCac
         if leader_of[name] != name:
             groups[leader_of[name]].append(name)
     return stats, list(groups.values())
-
-
-@torch.no_grad()
-def collect_dense_targets(layer: nn.Module, layer_index: int, cache: CalibrationCache, linears: dict[str, nn.Linear],
-                          groups: list[list[str]]) -> tuple[dict[str, DenseTargetStatistics], list[torch.Tensor]]:
-    """Run the still-dense layer on the dense model's hidden states and on the pruned model's, per batch;
-    return each group's DenseTargetStatistics (under its first member's name) and the dense layer outputs,
-    which are the next layer's `cache.dense_hidden`."""
-    dense_inputs: dict[str, torch.Tensor] = {}
-    targets: dict[str, DenseTargetStatistics] = {}
-    pruned_pass = False
-
-    def hook(name):
-        def record(module, args):
-            x = args[0]
-            if not pruned_pass:
-                dense_inputs[name] = x
-            else:
-                targets.setdefault(name, DenseTargetStatistics(x.shape[-1], x.device)).add_batch(x, dense_inputs[name])
-
-        return record
-
-    handles = [linears[group[0]].register_forward_pre_hook(hook(group[0])) for group in groups]
-    outputs = []
-    try:
-        for hidden, dense_hidden in zip(cache.hidden, cache.dense_hidden, strict=True):
-            pruned_pass = False
-            outputs.append(cache.call_for(layer_index, dense_hidden).run(layer, dense_hidden))
-            pruned_pass = True
-            cache.call_for(layer_index, hidden).run(layer, hidden)
-            dense_inputs.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return targets, outputs
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -1,10 +1,9 @@
-"""InputStatistics and DenseTargetStatistics: float32 sums, batch-size independence, merge, derived quantities."""
+"""InputStatistics: float32 sums, batch-size independence, merge, and the derived quantities."""
 
 import pytest
 import torch
 
 from optimum_permllm.algorithms import InputStatistics
-from optimum_permllm.algorithms.statistics import DenseTargetStatistics
 
 
 @pytest.fixture
@@ -70,24 +69,3 @@ def test_errors_are_clear():
         stats.hessian()
     with pytest.raises(ValueError, match="Gram"):
         InputStatistics(4, track_gram=True).merge(stats)
-
-
-def test_dense_target_sums_match_float64_reference_in_any_batching(tokens):
-    dense = tokens
-    pruned = tokens + 0.1 * torch.randn(40, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    whole, split = DenseTargetStatistics(6), DenseTargetStatistics(6)
-    whole.add_batch(pruned.reshape(4, 10, 6), dense.reshape(4, 10, 6))
-    for a, b in zip(pruned.split(7), dense.split(7)):
-        split.add_batch(a, b)
-    for stats in (whole, split):
-        assert stats.num_tokens == 40
-        torch.testing.assert_close(stats.cross().double(), pruned.T @ dense / 40, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(stats.dense_gram().double(), dense.T @ dense / 40, rtol=1e-5, atol=1e-6)
-
-
-def test_dense_target_errors_are_clear():
-    stats = DenseTargetStatistics(4)
-    with pytest.raises(RuntimeError, match="add_batch"):
-        stats.cross()
-    with pytest.raises(ValueError, match="same shape"):
-        stats.add_batch(torch.zeros(2, 4), torch.zeros(3, 4))
