@@ -50,19 +50,14 @@ def input_statistics(model, linears, samples):
 def pruned_weight(weight, stats, method: str, sparsity: str, metric: str):
     """The linear's 2:4 weight (original column order) under the library's heuristic or learned permutation."""
     from optimum_permllm import PermLLMConfig
-    from optimum_permllm.algorithms.learned_permutation import learn_permutation
-    from optimum_permllm.pipeline.planning import block_size_for, plan_group
+    from optimum_permllm.pipeline.layerwise import learn_group_permutation
+    from optimum_permllm.pipeline.planning import plan_group
     from optimum_permllm.sparse.permutation import invert_permutation
 
     config = PermLLMConfig(sparsity=sparsity, metric=metric, permutation=method)
-    n, m = config.pattern.n, config.pattern.m
 
     def learn(weights, s, init_perm):
-        block = block_size_for(weights[0].shape[1], config.block_size, m)
-        with torch.enable_grad():
-            result = learn_permutation(weights, s.gram(), s.feature_norms(), n, m, metric=metric, init_perm=init_perm,
-                                       block_size=block)
-        return result.perm, {}
+        return learn_group_permutation(weights, s, init_perm, config)
 
     plan = plan_group({"w": weight}, stats, config, learn=learn)
     return plan.weights["w"][:, invert_permutation(plan.perm)]
