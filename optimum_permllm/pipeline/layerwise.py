@@ -22,7 +22,7 @@ from ..config import PermLLMConfig
 from ..nn.permuted_sparse_linear import PermutedSparseLinear
 from .capture import CalibrationCache, capture
 from .distributed import map_across_ranks
-from .offload import check_offload, execution_device, on_device
+from .offload import check_offload, execution_device, offload_hooks, on_device
 from .planning import GroupPlan, block_size_for, plan_group
 from .statistics import collect_statistics
 from .structure import attention_heads, find_decoder_layers, layer_linears, set_submodule
@@ -41,6 +41,7 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, config: PermLLMC
     model_device = execution_device(layers) or next(model.parameters()).device
     device = torch.device(device) if device is not None else model_device
     _check_samples(samples, model)
+    _check_model_scope(config, layers, device)
     heads = attention_heads(getattr(model, "config", None))
     converted: list[str] = []
     with _no_kv_cache(model):
@@ -157,6 +158,24 @@ def _summary(info: dict) -> str:
         text = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if isinstance(v, float))
         parts.append(f"{group}[{text}]")
     return "; ".join(parts) + f" ({info.get('seconds', 0):.1f}s)"
+
+
+def _check_model_scope(config: PermLLMConfig, layers, device: torch.device) -> None:
+    """The `model` scope runs every later decoder layer with its own weights at each learning step, so all of
+    them must be loaded on the pruning device: refuse offloaded layers or layers elsewhere, before any change."""
+    if config.permutation != "learned" or config.scope != "model":
+        return
+    placed = {p.device for layer in layers for p in layer.parameters()}
+    offloaded = any(offload_hooks(layer) for layer in layers)
+    elsewhere = [d for d in placed if d.type != device.type
+                 or (None not in (d.index, device.index) and d.index != device.index)]  # "cuda" is "cuda:0"
+    if offloaded or elsewhere:
+        where = ", ".join(sorted(map(str, placed))) + (" (offloaded)" if offloaded else "")
+        raise ValueError(
+            f"scope='model' runs all later decoder layers at every learning step, so the whole model must be loaded "
+            f"on the pruning device ({device}); its layers are on {where}. Load the model on that device without "
+            "offloading, or use scope='layer' or 'block', which need one layer at a time."
+        )
 
 
 def _check_samples(samples: torch.Tensor, model: nn.Module) -> None:

@@ -143,3 +143,19 @@ def test_dequantize_an_offloaded_pruned_model_keeps_it_offloaded_and_equal(famil
         assert all(t.is_meta for _, t in named_module_tensors(layer, include_buffers=True, recurse=True))
         store, expected = layer._hf_hook.weights_map, dense.state_dict()
         assert set(store) == set(expected) and all(torch.equal(store[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("where", ["offloaded", "other device"])
+def test_model_scope_needs_every_layer_on_the_pruning_device(where):
+    # the model scope runs the later layers' own weights at each step: offloaded (meta) or distant layers
+    # would fail deep inside learning, so they are refused first, with the fix, and nothing changes
+    config = PermLLMConfig(permutation="learned", scope="model", steps=1)
+    model = tiny_model("llama")
+    device = None
+    if where == "offloaded":
+        model = cpu_offload(model, execution_device=CPU)
+    else:
+        device = "meta"
+    with pytest.raises(ValueError, match=r"scope='model'.*whole model.*scope='layer' or 'block'"):
+        sparsify_layerwise(model, _ids(), config, progress=False, device=device)
+    assert _sparse_count(model) == 0
