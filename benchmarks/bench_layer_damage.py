@@ -50,16 +50,11 @@ def input_statistics(model, linears, samples):
 def pruned_weight(weight, stats, method: str, sparsity: str, metric: str):
     """The linear's 2:4 weight (original column order) under the library's heuristic or learned permutation."""
     from optimum_permllm import PermLLMConfig
-    from optimum_permllm.pipeline.layerwise import learn_group_permutation
     from optimum_permllm.pipeline.planning import plan_group
     from optimum_permllm.sparse.permutation import invert_permutation
 
     config = PermLLMConfig(sparsity=sparsity, metric=metric, permutation=method)
-
-    def learn(weights, s, init_perm):
-        return learn_group_permutation(weights, s, init_perm, config)
-
-    plan = plan_group({"w": weight}, stats, config, learn=learn)
+    plan = plan_group({"w": weight}, stats, config)
     return plan.weights["w"][:, invert_permutation(plan.perm)]
 
 

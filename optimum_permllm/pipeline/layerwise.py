@@ -23,7 +23,7 @@ from ..nn.permuted_sparse_linear import PermutedSparseLinear
 from .capture import CalibrationCache, capture
 from .distributed import map_across_ranks
 from .offload import check_offload, execution_device, offload_hooks, on_device
-from .planning import GroupPlan, block_size_for, plan_group
+from .planning import GroupPlan, learn_group_permutation, plan_group
 from .statistics import collect_statistics
 from .structure import attention_heads, find_decoder_layers, layer_linears, set_submodule
 
@@ -120,26 +120,10 @@ def _learner(config: PermLLMConfig, layer: nn.Module, index: int, cache: Calibra
     def learn(group, weights, stats, init_perm):
         from .scopes import scope_loss_fn
 
-        with torch.enable_grad():  # the scope objectives are built from the layer's parameters, outside no_grad
-            loss_fn = scope_loss_fn(config.scope, layer, index, cache, group, later_layers=later_layers)
+        loss_fn = scope_loss_fn(config.scope, layer, index, cache, group, later_layers=later_layers)
         return learn_group_permutation(weights, stats, init_perm, config, loss_fn)
 
     return learn
-
-
-def learn_group_permutation(weights, stats, init_perm: torch.Tensor, config: PermLLMConfig, loss_fn=None):
-    """Learn one group's permutation from `init_perm` with the config's learner, metric and budget;
-    `loss_fn` None is the exact `layer` objective. Returns (perm, {"init_loss", "learned_loss"})."""
-    from ..algorithms.learned_permutation import learn_permutation
-
-    block = block_size_for(weights[0].shape[1], config.block_size, config.pattern.m)
-    kwargs = {"steps": config.steps} if config.steps is not None else {}
-    with torch.enable_grad():  # the pruning pass runs under no_grad; learning needs gradients
-        result = learn_permutation(weights, stats.gram(), stats.feature_norms(), config.pattern.n, config.pattern.m,
-                                   metric="ria" if config.metric == "ria" else "wanda", method=config.learner,
-                                   init_perm=init_perm, block_size=block, lr=config.lr, seed=config.seed,
-                                   loss_fn=loss_fn, **kwargs)
-    return result.perm, {"init_loss": result.init_loss, "learned_loss": result.best_loss}
 
 
 def _postfix(info: dict) -> str:

@@ -44,7 +44,8 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, config:
                learn=None, heads: tuple[int, int] | None = None) -> GroupPlan:
     """Choose the group's permutation, then prune every member in that order.
 
-    `learn(weights, stats, init_perm) -> (perm, info)` runs the learned permutation when asked for.
+    `learn(weights, stats, init_perm) -> (perm, info)` runs the learned permutation when asked for
+    (default: `learn_group_permutation` on the exact `layer` objective).
     `heads` (num_heads, num_kv_heads) restricts the heuristic permutation of an attention output to
     moves inside each head, so that it can be folded into the value projection.
     """
@@ -64,10 +65,26 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, config:
             perm = heuristic_permutation(scores, n, m, max_groups_per_lsa=LSA_BLOCK if groups > 4 * LSA_BLOCK else None)
         info["heuristic_score"] = retained_score(scores, perm, n, m)
     if config.permutation == "learned":
+        learn = learn or (lambda w, s, p: learn_group_permutation(w, s, p, config))
         perm, learned_info = learn(list(dense.values()), stats, perm)
         info.update(learned_info)
     pruned, masks = _prune_members(weights, dense, scores, stats, perm, config)
     return GroupPlan(perm=perm, weights=pruned, masks=masks, info=info)
+
+
+def learn_group_permutation(weights, stats, init_perm: torch.Tensor, config: PermLLMConfig, loss_fn=None):
+    """Learn one group's permutation from `init_perm` with the config's learner, metric and budget;
+    `loss_fn` None is the exact `layer` objective. Returns (perm, {"init_loss", "learned_loss"})."""
+    from ..algorithms.learned_permutation import learn_permutation
+
+    block = block_size_for(weights[0].shape[1], config.block_size, config.pattern.m)
+    kwargs = {"steps": config.steps} if config.steps is not None else {}
+    with torch.enable_grad():  # the pruning pass runs under no_grad; learning needs gradients
+        result = learn_permutation(weights, stats.gram(), stats.feature_norms(), config.pattern.n, config.pattern.m,
+                                   metric="ria" if config.metric == "ria" else "wanda", method=config.learner,
+                                   init_perm=init_perm, block_size=block, lr=config.lr, seed=config.seed,
+                                   loss_fn=loss_fn, **kwargs)
+    return result.perm, {"init_loss": result.init_loss, "learned_loss": result.best_loss}
 
 
 def _prune_members(weights, dense, scores, stats, perm, config):
