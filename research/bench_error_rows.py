@@ -7,7 +7,7 @@ measures for the heuristic and the learned permutation: plain (the `layer` objec
 squared gain of the norm that next reads the residual (what the next layer sees), and the mean per-row
 relative error. Example (the figures in BENCHMARKS.md):
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_error_rows.py --layers 3 15 27 --num-samples 16
+    OMP_NUM_THREADS=1 python research/bench_error_rows.py --layers 3 15 27 --num-samples 16
 """
 
 from __future__ import annotations

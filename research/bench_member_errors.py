@@ -3,10 +3,10 @@
 For each group that several linears read, prints each member's share of the group's dense output energy
 and its relative 2:4 output error under the heuristic and the learned permutation (the library's
 `learn_permutation` default, with the chosen metric). It shows what the `layer` objective favours: with
-a ratio of summed errors (before session 4) the member with the largest outputs dominated, and the
+a ratio of summed errors (an earlier form of the objective) the member with the largest outputs dominated, and the
 learned permutation could trade v_proj's error for q_proj's. Example (the figures in BENCHMARKS.md):
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_member_errors.py --layers 3 15 27 --metric ria wanda
+    OMP_NUM_THREADS=1 python research/bench_member_errors.py --layers 3 15 27 --metric ria wanda
 
 With PYTHONPATH set to a checkout of an older commit, the same table shows that version's learner.
 """

@@ -4,7 +4,7 @@ For a few decoder layers, the input Gram matrix of every group of linears sharin
 gate/up, down) is collected on dense calibration inputs; each permutation method is then scored by
 the relative output error of the 2:4-pruned group, tr(D G D^T) / tr(W G W^T). Example:
 
-    python benchmarks/bench_learned_layers.py --layers 3 15 27 --methods identity heuristic sinkhorn ot refine learned
+    python research/bench_learned_layers.py --layers 3 15 27 --methods identity heuristic sinkhorn ot refine learned
 
 Methods: identity, heuristic (RIA-CP), heads (RIA-CP inside attention heads, shared by the query heads
 of a KV head, as fold_permutations="all" does for o_proj; the heuristic elsewhere), sinkhorn / ot

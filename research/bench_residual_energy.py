@@ -4,7 +4,7 @@ A cosine or squared-error objective on a decoder layer's output is dominated by 
 prints, for every few decoder layers, the share of the mean squared hidden state held by the top-k
 dimensions. Example (the figure in BENCHMARKS.md):
 
-    python benchmarks/bench_residual_energy.py --samples 2 --seq-len 256 --top 4
+    python research/bench_residual_energy.py --samples 2 --seq-len 256 --top 4
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ dense one on held-out text: the relative output error of the layer (the learned 
 divergence of the next-token distributions from the dense model's, and the increase of the mean NLL.
 `--joint` then prunes that linear in every layer at once (still dense statistics) and reports perplexity.
 
-    python benchmarks/bench_layer_damage.py --linear self_attn.o_proj          # every layer, one at a time
-    python benchmarks/bench_layer_damage.py --linear self_attn.o_proj --joint  # all layers at once
+    python research/bench_layer_damage.py --linear self_attn.o_proj          # every layer, one at a time
+    python research/bench_layer_damage.py --linear self_attn.o_proj --joint  # all layers at once
 """
 
 from __future__ import annotations

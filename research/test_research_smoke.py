@@ -1,0 +1,80 @@
+"""Smoke runs of the research/ diagnostics (not run by CI: `PYTHONPATH=. python -m pytest research`).
+
+The error-row and member-error runs load the real SmolLM2-135M; the others use a tiny random model.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import save_tiny_dense
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name, *args):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, str(REPO / "research" / name), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def table_rows(text, first_cell):
+    """Rows of Markdown tables whose first cell is `first_cell`, split into cells."""
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row] for row in rows if row[0].strip() == first_cell]
+
+
+def test_bench_residual_energy_reports_shares_of_a_tiny_model(tmp_path):
+    save_tiny_dense(tmp_path / "tiny", family="llama")
+    out = run_script("bench_residual_energy.py", "--model", str(tmp_path / "tiny"), "--samples", "1",
+                     "--seq-len", "16", "--top", "2", "--every", "1")
+    rows = [row for row in (line.strip("|").split("|") for line in out.splitlines() if line.startswith("|"))
+            if row[0].strip().isdigit()]
+    assert [int(row[0]) for row in rows] == [1, 2]  # the tiny model has 2 decoder layers
+    assert all(0 < float(row[2]) <= 1 for row in rows)
+
+
+@pytest.mark.slow
+def test_bench_error_rows_reports_heuristic_and_learned_errors_on_smollm2():
+    out = run_script("bench_error_rows.py", "--layers", "29", "--num-samples", "1", "--seq-len", "64")
+    rows = table_rows(out, "29")
+    assert [row[1] for row in rows] == ["o_proj", "down_proj"]
+    for row in rows:
+        heuristic, learned = (float(x) for x in row[4].split(" / "))
+        assert 0 < learned <= heuristic  # the learned permutation never loses on its own objective
+
+
+@pytest.mark.slow
+def test_bench_member_errors_reports_every_member_of_the_shared_input_groups():
+    out = run_script("bench_member_errors.py", "--layers", "29", "--metric", "wanda", "--num-samples", "1",
+                     "--seq-len", "64")
+    rows = table_rows(out, "wanda")
+    assert [row[3] for row in rows] == ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+    for group in ("q_proj", "gate_proj"):
+        shares = [float(row[4]) for row in rows if row[2] == group]
+        assert sum(shares) == pytest.approx(1, abs=2e-3) and all(0 < s < 1 for s in shares)
+        heuristic, learned = ([float(row[col]) for row in rows if row[2] == group] for col in (5, 6))
+        assert sum(learned) <= sum(heuristic) * (1 + 1e-4)  # the objective is the members' mean error
+    assert all(0 < float(row[5]) < 1 and 0 < float(row[6]) < 1 for row in rows)
+
+
+def test_bench_layer_damage_scores_each_layer_and_the_joint_model(tmp_path):
+    save_tiny_dense(tmp_path / "tiny", family="llama")
+    common = ["--model", str(tmp_path / "tiny"), "--num-samples", "2", "--seq-len", "32"]
+    out = run_script("bench_layer_damage.py", *common, "--eval-windows", "2")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["layer"] for r in rows] == [0, 1]  # the tiny model has 2 decoder layers
+    for r in rows:  # the learned permutation starts from the heuristic one and keeps the best: never worse
+        assert 0 < r["learned_error"] <= r["heuristic_error"] + 1e-7
+        assert r["heuristic_kl"] > 0 and r["learned_kl"] > 0
+    assert re.search(r"learned lower on \d/2 layers \(error\)", out)
+    joint = [json.loads(line) for line in run_script("bench_layer_damage.py", *common, "--joint").splitlines()
+             if line.startswith("{")]
+    assert [r["method"] for r in joint] == ["heuristic", "learned"] and all(r["perplexity"] > 1 for r in joint)
