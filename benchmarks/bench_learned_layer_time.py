@@ -30,7 +30,7 @@ def build_model(hidden: int, mlp: int, heads: int, layers: int, vocab: int, devi
         return LlamaForCausalLM(config).eval()
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--mlp", type=int, default=11008)
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--sparsity", default="2:4")
     parser.add_argument("--learner", default="sinkhorn", choices=["sinkhorn", "ot"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from optimum_permllm import PermLLMConfig
     from optimum_permllm.pipeline.layerwise import sparsify_layerwise

@@ -1,21 +1,30 @@
-"""The benchmark scripts run in their CPU smoke modes and print Markdown tables."""
+"""The benchmark scripts run in their CPU smoke modes (in this process, on tiny shapes) and print their tables."""
 
+import contextlib
+import importlib.util
+import io
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def run_script(name, *args):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    """Run benchmarks/NAME's main(args) in this process (no interpreter start-up) and return what it printed."""
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / "benchmarks" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()  # the CPU smoke modes set one thread; leave the test process as it was
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            module.main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+    return buffer.getvalue()
 
 
 def table_rows(text, first_cell):
@@ -62,12 +71,19 @@ def test_bench_pruning_keep_dense_leaves_those_linears_untouched(tmp_path):
     common = ["--model", str(tmp_path / "tiny"), "--num-samples", "2", "--seq-len", "32", "--eval-windows", "2",
               "--seed", "3"]
     every_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    rows = {}
-    for name, extra in [("all dense", ["--keep-dense", *every_linear]), ("pruned", [])]:
-        jsonl = tmp_path / f"{name}.jsonl"
-        run_script("bench_pruning.py", "--methods", "dense", "wanda", "--jsonl", str(jsonl), *common, *extra)
-        rows[name] = {r["method"]: r for r in map(json.loads, jsonl.read_text().splitlines())}
-    kept = rows["all dense"]["wanda"]
+
+    def row(method, *extra):  # the driver runs each method as `bench_pruning.py --one METHOD` in its own process
+        return json.loads(run_script("bench_pruning.py", "--one", method, *common, *extra).strip().splitlines()[-1])
+
+    dense, kept, pruned = row("dense"), row("wanda", "--keep-dense", *every_linear), row("wanda")
     assert kept["keep_dense"] == every_linear and kept["seed"] == 3 and kept["num_samples"] == 2
-    assert kept["perplexity"] == rows["all dense"]["dense"]["perplexity"]  # nothing was pruned
-    assert rows["pruned"]["wanda"]["perplexity"] != rows["pruned"]["dense"]["perplexity"]
+    assert kept["perplexity"] == dense["perplexity"]  # nothing was pruned
+    assert pruned["perplexity"] != dense["perplexity"]
+
+
+def test_bench_pruning_driver_passes_every_option_but_the_methods_to_each_method_process():
+    spec = importlib.util.spec_from_file_location("bench_pruning", REPO / "benchmarks" / "bench_pruning.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--methods", "dense", "wanda+cp", "--seed", "3", "--keep-dense", "q_proj", "k_proj", "--jsonl", "x"]
+    assert module._forward(argv) == ["--seed", "3", "--keep-dense", "q_proj", "k_proj", "--jsonl", "x"]
