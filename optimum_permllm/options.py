@@ -1,0 +1,10 @@
+"""The values a user can choose for each PermLLMConfig setting, importable without torch or transformers.
+
+The command line builds its `--help` from these, so they live apart from `config.py`.
+"""
+
+METRICS = ("magnitude", "wanda", "ria", "sparsegpt")
+PERMUTATIONS = ("none", "heuristic", "learned")
+LEARNERS = ("sinkhorn", "ot")
+SCOPES = ("layer", "block", "model")
+FOLDING = (True, False, "all")
