@@ -1,8 +1,9 @@
 """The `permllm` command line (also `optimum-cli permllm`): prune, eval, export-dense, info, push, demo.
 
-Nothing here imports torch or transformers before the arguments are parsed (the package's `load()` runs in
-`dispatch`), so `--help` answers at once; tests/test_cli.py checks it with `python -X importtime`. Expected failures (bad input, a
-missing file, a refused upload) print one line on stderr and exit with 1; bad usage exits with 2.
+Nothing here imports torch or transformers before the arguments are parsed (the package's `load()` runs
+in `dispatch`), so `--help` answers at once (tests/test_cli.py checks it with `python -X importtime`).
+Expected failures (bad input, a missing file, a refused upload) print one line on stderr and exit with 1;
+bad usage exits with 2.
 Output folders are written into a temporary folder beside the target and renamed at the end, so an
 interrupted run never leaves a folder that looks complete.
 """

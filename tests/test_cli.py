@@ -197,6 +197,14 @@ def test_help_answers_without_importing_torch_or_transformers(argv, usage):
     assert not imported & {"torch", "transformers", "peft", "accelerate"}
 
 
+def test_a_plain_import_registers_permllm_at_once():
+    script = ("import sys, optimum_permllm; from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING; "
+              "print('permllm' in AUTO_QUANTIZER_MAPPING, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True"]
+
+
 def test_a_command_run_by_python_m_still_loads_and_registers_after_parsing(sparse_dir):
     done = subprocess.run([sys.executable, "-m", "optimum_permllm.cli", "info", str(sparse_dir)], capture_output=True,
                           text=True, timeout=300)
@@ -210,7 +218,8 @@ def test_a_command_run_by_python_m_still_loads_and_registers_after_parsing(spars
 ])
 def test_optimum_cli_finds_the_permllm_command(argv, expected):
     script = f"import sys; from optimum.commands.optimum_cli import main; sys.argv = ['optimum-cli', *{argv!r}]; main()"
-    done = subprocess.run([sys.executable, "-X", "importtime", "-c", script], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", script], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert all(text in done.stdout for text in expected)
     assert not _imported_top_level_modules(done.stderr) & {"torch", "transformers"}
