@@ -104,3 +104,75 @@ def test_clear_errors():
         sparsegpt_prune(weight, torch.eye(8), 2, 4, block_size=6)
     with pytest.raises(ValueError, match="not divisible"):
         sparsegpt_prune(torch.randn(4, 6), torch.eye(6), 2, 4)
+
+
+def fasterprune_reference(weight, hessian, prunen, prunem, blocksize=128, percdamp=0.01):
+    """A direct port of the published SparseGPT `fasterprune` loop (N:M branch), written here as a reference.
+
+    As in the paper's code, `prunen` is the number of weights PRUNED in every group of `prunem` columns
+    (its "2:4" zeroes 2 of 4), the Hessian's dead features get 1 on the diagonal and zero weights, the
+    damping is `percdamp` times the mean of the diagonal, and Hinv is the upper Cholesky factor of H^-1.
+    """
+    W = weight.clone().float()
+    H = hessian.clone().float()
+    columns = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    damp = percdamp * torch.mean(torch.diag(H))
+    diag = torch.arange(columns)
+    H[diag, diag] += damp
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    H = torch.linalg.cholesky(H, upper=True)
+    Hinv = H
+    mask = torch.zeros_like(W, dtype=torch.bool)  # True = pruned, as in the published code
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        mask1 = torch.zeros_like(W1) == 1
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if i % prunem == 0:
+                tmp = W1[:, i:(i + prunem)] ** 2 / (torch.diag(Hinv1)[i:(i + prunem)].reshape((1, -1))) ** 2
+                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        mask[:, i1:i2] = mask1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return W, mask
+
+
+@pytest.mark.parametrize("n,m,block_size", [(2, 4, 16), (4, 8, 24), (1, 4, 128)])
+def test_matches_the_published_fasterprune_loop_on_random_data(n, m, block_size):
+    """Same masks and pruned weights as the reference port, with several lazy blocks and a dead feature."""
+    gen = torch.Generator().manual_seed(2)
+    inputs = torch.randn(256, 96, generator=gen) @ (torch.randn(96, 96, generator=gen) / 6 + torch.eye(96))
+    inputs[:, 5] = 0  # never active: a dead feature
+    weight = torch.randn(40, 96, generator=gen)
+    hessian = 2 * inputs.T @ inputs / inputs.shape[0]  # the paper's H = 2 X X^T / n
+    pruned, kept = sparsegpt_prune(weight, hessian, n, m, block_size=block_size)
+    expected, dropped = fasterprune_reference(weight, hessian, m - n, m, blocksize=block_size)
+    assert torch.equal(kept, ~dropped)
+    torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-5)
+    assert bool((expected[:, 5] == 0).all()) and bool(dropped.any())
+
+
+def test_permuted_pruning_is_the_published_loop_on_permuted_columns():
+    gen = torch.Generator().manual_seed(3)
+    inputs = torch.randn(256, 64, generator=gen) @ (torch.randn(64, 64, generator=gen) / 6 + torch.eye(64))
+    weight, perm = torch.randn(16, 64, generator=gen), torch.randperm(64, generator=gen)
+    hessian = inputs.T @ inputs
+    pruned, kept = sparsegpt_prune(weight, hessian, 2, 4, perm=perm, block_size=32)
+    expected, dropped = fasterprune_reference(weight[:, perm], hessian[perm][:, perm], 2, 4, blocksize=32)
+    assert torch.equal(kept, ~dropped)
+    torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-5)
