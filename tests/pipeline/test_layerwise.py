@@ -125,10 +125,27 @@ def test_folding_keeps_the_logits_and_removes_the_gathers(family, fold, monkeypa
     assert len(norms) == 2 * layers  # the norms before attention and MLP write permuted outputs
 
 
-def test_fold_true_never_changes_the_chosen_permutations():
+def test_fold_true_never_changes_the_chosen_permutations(monkeypatch):
+    """Folding only moves each chosen permutation into a producing layer or norm: the planned permutations
+    with fold_permutations=True are those chosen with folding off (only "all" constrains o_proj to heads)."""
+    from optimum_permllm.pipeline import layerwise
+
+    real_plan_group = layerwise.plan_group
+    chosen = {}
+
+    def recording_plan_group(*args, **kwargs):
+        plan = real_plan_group(*args, **kwargs)
+        chosen[fold].append(plan.perm.clone())
+        return plan
+
+    monkeypatch.setattr(layerwise, "plan_group", recording_plan_group)
     folded, unfolded = tiny_model("llama"), tiny_model("llama")
     for model, fold in ((folded, True), (unfolded, False)):
+        chosen[fold] = []
         sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations=fold), progress=False)
+    assert len(chosen[True]) == 2 * 4  # 2 layers x (q/k/v, o, gate/up, down)
+    assert all(torch.equal(a, b) for a, b in zip(chosen[True], chosen[False], strict=True))
+    assert any(not torch.equal(p, identity_permutation(len(p))) for p in chosen[True])  # not trivially equal
     with torch.no_grad():
         torch.testing.assert_close(folded(_ids(seed=5)).logits, unfolded(_ids(seed=5)).logits, rtol=1e-5, atol=1e-5)
 
@@ -227,11 +244,21 @@ def test_cache_moves_every_tensor_of_the_recorded_calls():
     assert tensors and all(t.is_meta for t in tensors) and all(h.is_meta for h in cache.hidden)
 
 
-def test_explicit_execution_device_gives_the_same_result():
-    a, b = tiny_model("llama"), tiny_model("llama")
-    sparsify_layerwise(a, _ids(), PermLLMConfig(), progress=False)
-    sparsify_layerwise(b, _ids(), PermLLMConfig(), progress=False, device="cpu")
-    assert torch.equal(a(_ids(seed=2)).logits, b(_ids(seed=2)).logits)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cpu_model_pruned_on_an_explicit_gpu_matches_pruning_on_the_cpu():
+    """device= prunes each layer of a CPU model on the GPU and puts it back: same state as pruning on the CPU."""
+    on_cpu, on_gpu = tiny_model("llama"), tiny_model("llama")
+    config = PermLLMConfig(metric="wanda", permutation="heuristic")
+    sparsify_layerwise(on_cpu, _ids(), config, progress=False)
+    sparsify_layerwise(on_gpu, _ids(), config, progress=False, device="cuda")
+    assert {t.device.type for t in [*on_gpu.parameters(), *on_gpu.buffers()]} == {"cpu"}
+    expected, state = on_cpu.state_dict(), on_gpu.state_dict()
+    assert sorted(state) == sorted(expected)
+    for key, value in expected.items():  # packed values, position masks, permutations, norms
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    with torch.no_grad():
+        torch.testing.assert_close(on_gpu(_ids(seed=2)).logits, on_cpu(_ids(seed=2)).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_pruning_builds_no_autograd_graph():
