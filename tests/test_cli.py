@@ -184,8 +184,7 @@ def _imported_top_level_modules(stderr: str) -> set[str]:
 
 @pytest.mark.parametrize("argv, usage", [
     (["-m", "optimum_permllm.cli", "--help"], "usage: permllm "),
-    (["-m", "optimum_permllm.cli", "prune", "--help"], "usage: permllm prune "),
-    (["-m", "optimum_permllm.cli", "demo", "--help"], "usage: permllm demo "),
+    *[(["-m", "optimum_permllm.cli", command, "--help"], f"usage: permllm {command} ") for command in COMMANDS + ["demo"]],
     (["-m", "optimum_permllm.demo", "--help"], "usage: python -m optimum_permllm.demo "),
 ])
 def test_help_answers_without_importing_torch_or_transformers(argv, usage):
