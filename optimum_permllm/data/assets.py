@@ -126,7 +126,7 @@ def smollm2_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     if _is_complete_model_dir(folder):
         return folder
     gguf = smollm2_gguf_path()
-    logger.warning("Converting %s once into a float32 model folder %s (a few seconds to a minute).", gguf.name, folder)
+    logger.warning("Converting %s once into a float32 model folder %s (about a minute).", gguf.name, folder)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIR_NAME}-", dir=root))
     try:
