@@ -56,7 +56,7 @@ def _started_by_a_command() -> bool:
     if script == "-m":  # python -m <module> is importing the module's packages: which module?
         args = sys.orig_argv
         return "-m" in args[:-1] and args[args.index("-m") + 1].startswith(f"{__name__}.")
-    return Path(script).name in _COMMAND_SCRIPTS
+    return Path(script).stem in _COMMAND_SCRIPTS  # stem: permllm.exe on Windows
 
 
 if not _started_by_a_command():
