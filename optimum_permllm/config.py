@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -15,7 +16,9 @@ FORMAT_VERSION = 1
 
 
 # Keys that are written by the library, not chosen by the user.
-_RECORDED_KEYS = ("quant_method", "format_version", "converted_modules")
+_RECORDED_KEYS = ("quant_method", "format_version", "converted_modules", "permuted_norms")
+# Settings read only by the learned permutation, with their defaults.
+_LEARNED_ONLY = {"learner": "sinkhorn", "scope": "layer", "block_size": 64, "steps": None, "lr": None}
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -43,11 +46,14 @@ class PermLLMConfig(QuantizationConfigMixin):
             the input Gram matrix), "block" (each decoder layer's output) or "model" (last hidden states).
         block_size: channels per learnable permutation block (must divide the layer width).
         steps, lr: optimisation budget of the learned permutation (None: the method's default).
+        damp: SparseGPT's dampening, added to the Hessian's diagonal as a fraction of its mean; raise it
+            (e.g. 0.1) when SparseGPT reports a Hessian that is not positive definite.
         dataset: calibration text: None (offline Wikipedia default), a Hub dataset name, a local text
             file, or a list of strings.
         tokenizer: a tokenizer or its name/path (defaults to the model's own path when pruning on load).
         num_samples, seq_len, seed: how many calibration sequences of how many tokens, and the sampling seed.
-        modules_to_not_convert: module names (or name suffixes) left dense. lm_head and embeddings are
+        modules_to_not_convert: module names (or name suffixes) left dense; one name may be given as a
+            string. lm_head and embeddings are
             never pruned.
         fold_permutations: True folds input permutations into the layer (or norm) that produces the input
             wherever that is exact, without changing which permutation is chosen; "all" also chooses the
@@ -66,6 +72,7 @@ class PermLLMConfig(QuantizationConfigMixin):
         block_size: int = 64,
         steps: int | None = None,
         lr: float | None = None,
+        damp: float = 0.01,
         dataset: Any = None,
         tokenizer: Any = None,
         num_samples: int = 128,
@@ -75,6 +82,7 @@ class PermLLMConfig(QuantizationConfigMixin):
         fold_permutations: bool | str = True,
         format_version: int = FORMAT_VERSION,
         converted_modules: list[str] | None = None,
+        permuted_norms: list[str] | None = None,
         quant_method: str = "permllm",
         **kwargs,
     ):
@@ -93,15 +101,19 @@ class PermLLMConfig(QuantizationConfigMixin):
         self.block_size = block_size
         self.steps = steps
         self.lr = lr
+        self.damp = damp
         self.dataset = dataset
         self.tokenizer = tokenizer
         self.num_samples = num_samples
         self.seq_len = seq_len
         self.seed = seed
+        if isinstance(modules_to_not_convert, str):
+            modules_to_not_convert = [modules_to_not_convert]
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.fold_permutations = fold_permutations
         self.format_version = format_version
         self.converted_modules = list(converted_modules) if converted_modules is not None else None
+        self.permuted_norms = list(permuted_norms) if permuted_norms is not None else None
         self.post_init()
 
     def post_init(self) -> None:
@@ -121,11 +133,28 @@ class PermLLMConfig(QuantizationConfigMixin):
             raise ValueError(f"PermLLMConfig: seed must be an integer, got {self.seed!r}.")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"PermLLMConfig: lr must be a positive number, got {self.lr!r}.")
-        if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
+        if not (isinstance(self.damp, (int, float)) and not isinstance(self.damp, bool) and self.damp > 0):
+            raise ValueError(f"PermLLMConfig: damp must be a positive number (default 0.01), got {self.damp!r}.")
+        if isinstance(self.dataset, str) and not self.dataset.strip():
+            raise ValueError("PermLLMConfig: dataset='' names no calibration text; pass None for the offline Wikipedia "
+                             "default, a Hub dataset name, a text file, or a list of strings.")
+        self._warn_unused_learned_settings()
+        if not isinstance(self.format_version, int) or isinstance(self.format_version, bool):
+            raise TypeError(f"PermLLMConfig: format_version must be an integer (this package writes "
+                            f"{FORMAT_VERSION}), got {self.format_version!r}.")
+        if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"This checkpoint was written with permllm format version {self.format_version}, newer than the "
                 f"version {FORMAT_VERSION} this optimum-permllm reads. Upgrade: pip install -U optimum-permllm."
             )
+
+    def _warn_unused_learned_settings(self) -> None:
+        """Settings of the learned permutation given with another permutation do nothing: say so."""
+        unused = {k: getattr(self, k) for k, default in _LEARNED_ONLY.items() if getattr(self, k) != default}
+        if unused and self.permutation != "learned":
+            settings = ", ".join(f"{k}={v!r}" for k, v in unused.items())
+            warnings.warn(f"PermLLMConfig: {settings} only apply to permutation='learned' and are ignored with "
+                          f"permutation={self.permutation!r}.", UserWarning, stacklevel=4)
 
     @property
     def pattern(self) -> NMPattern:

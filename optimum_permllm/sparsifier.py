@@ -12,6 +12,8 @@ from .config import PermLLMConfig
 from .nn.permuted_norm import PermutedOutputNorm
 from .nn.permuted_sparse_linear import PermutedSparseLinear
 from .pipeline.offload import align_hooks, execution_device, on_device
+from .pipeline.preflight import check_finite_weights, warn_block_sizes
+from .pipeline.rollback import restored_on_error
 from .pipeline.structure import prunable_linears, set_submodule
 from .sparse.permutation import compose
 
@@ -40,22 +42,32 @@ class PermLLMSparsifier:
                        device=None) -> nn.Module:
         """Prune `model` in place and record what was converted in its config; returns the model.
 
+        A prune that fails leaves the model exactly as it was: non-finite weights are refused before anything
+        changes, and on any later error the replaced modules and tensors are put back before re-raising.
+
         `device` runs the calibration one decoder layer at a time on that device (e.g. "cuda") while the
         model stays where it is (e.g. on the CPU): models larger than the GPU prune this way.
         `callback(layer_index, info)` is called after each decoder layer.
         """
         config = self.config
-        if config.needs_calibration:
-            from .pipeline.layerwise import sparsify_layerwise
+        linears = prunable_linears(model, config.modules_to_not_convert)
+        check_finite_weights(linears)
+        warn_block_sizes(linears, config)
+        with restored_on_error(model):
+            if config.needs_calibration:
+                from .pipeline.layerwise import sparsify_layerwise
 
-            tokenizer = self._resolve_tokenizer(model, tokenizer)
-            from .data.calibration import get_calibration_data
+                tokenizer = self._resolve_tokenizer(model, tokenizer)
+                from .data.calibration import get_calibration_data
 
-            samples = get_calibration_data(config.dataset, tokenizer, config.num_samples, config.seq_len, config.seed)
-            converted = sparsify_layerwise(model, samples, config, progress=progress, callback=callback, device=device)
-        else:
-            converted = self._magnitude_prune(model)
+                samples = get_calibration_data(config.dataset, tokenizer, config.num_samples, config.seq_len,
+                                               config.seed)
+                converted = sparsify_layerwise(model, samples, config, progress=progress, callback=callback,
+                                               device=device)
+            else:
+                converted = self._magnitude_prune(model)
         config.converted_modules = sorted(converted)
+        config.permuted_norms = sorted(n for n, m in model.named_modules() if isinstance(m, PermutedOutputNorm))
         if hasattr(model, "config"):
             model.config.quantization_config = config
         _mark_sparse(model, config)

@@ -72,8 +72,8 @@ def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     if int(info) != 0:
         raise RuntimeError(
             f"SparseGPT: the damped Hessian (damp={damp}) of this layer is not positive definite, so its Cholesky "
-            "factorisation failed. Feed more calibration samples to this layer (the Hessian is rank-deficient) "
-            "or raise `damp` (for example 0.1)."
+            "factorisation failed. Raise the dampening, e.g. PermLLMConfig(damp=0.1) (`permllm prune --damp 0.1`), "
+            "or calibrate on more text (num_samples, seq_len): the Hessian is rank-deficient."
         )
     return upper
 

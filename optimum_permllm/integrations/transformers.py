@@ -2,7 +2,8 @@
 
 - Dense checkpoint + PermLLMConfig: the model loads densely, then is pruned (like GPTQ's integration).
 - permllm checkpoint: PermutedSparseLinear modules are put in place before the weights load, for exactly
-  the layers whose packed tensors the checkpoint holds; missing tensors are an error, never random weights.
+  the layers whose packed tensors the checkpoint holds; missing tensors or tensors of the wrong shape are an
+  error, never random weights. After loading, every permutation and mask is checked (`nn/validation.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.base import HfQuantizer
 
 from ..config import PermLLMConfig
+from ..nn.validation import check_sparse_modules
 from ..sparsifier import PermLLMSparsifier
 
 logger = logging.getLogger(__name__)
@@ -34,11 +36,15 @@ class PermLLMHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if self.pre_quantized:
             names = sparse_layer_names(checkpoint_files, self.quantization_config)
-            self.sparsifier.convert_model(model, names, permuted_norm_names(checkpoint_files))
+            norms = permuted_norm_names(checkpoint_files, self.quantization_config)
+            self.sparsifier.convert_model(model, names, norms)
+            check_tensor_shapes(model, names + norms, _checkpoint_shapes(checkpoint_files), self.quantization_config)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        if not self.pre_quantized:
+        if self.pre_quantized:
+            check_sparse_modules(model, getattr(model, "name_or_path", None))
+        else:
             self.sparsifier.sparsify_model(model, self.quantization_config.tokenizer or model.name_or_path)
         return model
 
@@ -62,7 +68,7 @@ def sparse_layer_names(checkpoint_files, config: PermLLMConfig) -> list[str]:
 
     Raises a clear error when a sparse layer lacks one of its tensors (a truncated or edited checkpoint).
     """
-    keys = _checkpoint_keys(checkpoint_files)
+    keys = _checkpoint_shapes(checkpoint_files)
     if keys is None:
         if config.converted_modules is None:
             raise ValueError("This permllm checkpoint lists no sparse layers and has no safetensors files to read them from.")
@@ -70,33 +76,70 @@ def sparse_layer_names(checkpoint_files, config: PermLLMConfig) -> list[str]:
     names = sorted(k[: -len(".weight_mask")] for k in keys if k.endswith(".weight_mask"))
     expected = set(config.converted_modules or names)
     missing = [f"{n}.{t}" for n in sorted(expected | set(names)) for t in _SPARSE_KEYS if f"{n}.{t}" not in keys]
+    _refuse_missing(missing)
+    return sorted(expected | set(names))
+
+
+def permuted_norm_names(checkpoint_files, config: PermLLMConfig | None = None) -> list[str]:
+    """Norms the checkpoint stores with an `output_perm` (permutations folded into the norm); an error when a
+    norm that the config records as permuted has lost its `output_perm`."""
+    keys = _checkpoint_shapes(checkpoint_files) or {}
+    names = {k[: -len(".output_perm")] for k in keys if k.endswith(".output_perm")}
+    recorded = set(getattr(config, "permuted_norms", None) or ())
+    _refuse_missing([f"{name}.output_perm" for name in sorted(recorded - names)])
+    return sorted(names | recorded)
+
+
+def check_tensor_shapes(model, module_names: list[str], shapes: dict[str, tuple] | None, config: PermLLMConfig) -> None:
+    """Refuse stored tensors whose shapes differ from the converted modules', naming the module, the tensor and,
+    for packed values, the sparsity they imply (transformers' own size-mismatch error would not say why)."""
+    if shapes is None:
+        return
+    problems = []
+    for name in module_names:
+        module = model.get_submodule(name)
+        for key, tensor in module.state_dict(keep_vars=True).items():
+            stored = shapes.get(f"{name}.{key}")
+            if stored is not None and tuple(stored) != tuple(tensor.shape):
+                problems.append(f"{name}.{key} has shape {tuple(stored)} in the checkpoint, but the model expects "
+                                f"{tuple(tensor.shape)}{_sparsity_hint(module, key, stored, config)}")
+    if problems:
+        from ..nn.validation import CheckpointError
+
+        raise CheckpointError(problems)
+
+
+def _sparsity_hint(module, key: str, stored, config: PermLLMConfig) -> str:
+    """For packed values of another width: the fraction of weights they hold, against the config's sparsity."""
+    if key != "weight" or not hasattr(module, "in_features") or len(stored) != 2:
+        return ""
+    return (f": it holds {stored[1]} of {module.in_features} weights per row, but the config says "
+            f"sparsity={config.sparsity!r} ({module.in_features * module.n // module.m} per row), so the config "
+            "does not match the tensors")
+
+
+def _refuse_missing(missing: list[str]) -> None:
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(
             f"This permllm checkpoint is incomplete: missing {shown}. It may have been truncated while saving; "
             "save it again from the sparse model."
         )
-    return sorted(expected | set(names))
 
 
-def permuted_norm_names(checkpoint_files) -> list[str]:
-    """Norms the checkpoint stores with an `output_perm` (permutations folded into the norm)."""
-    keys = _checkpoint_keys(checkpoint_files) or set()
-    return sorted(k[: -len(".output_perm")] for k in keys if k.endswith(".output_perm"))
-
-
-def _checkpoint_keys(checkpoint_files) -> set[str] | None:
-    """All tensor names in the checkpoint's safetensors files (headers only), or None if none are safetensors."""
+def _checkpoint_shapes(checkpoint_files) -> dict[str, list[int]] | None:
+    """The shape of every tensor in the checkpoint's safetensors files (headers only), or None if none are
+    safetensors."""
     files = [str(f) for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
     if not files:
         return None
     from safetensors import safe_open
 
-    keys: set[str] = set()
+    keys: dict[str, list[int]] = {}
     for path in files:
         try:
             with safe_open(path, framework="pt") as handle:
-                keys.update(handle.keys())
+                keys.update((key, handle.get_slice(key).get_shape()) for key in handle.keys())
         except Exception as error:  # safetensors raises its own error type for damaged files
             raise ValueError(
                 f"Cannot read {path}: the file is damaged or was truncated while saving ({error}). "

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sparse.nm import NMPattern, nm_mask, pack_nm, unpack_bits, unpack_nm
+from ..sparse.nm import NMPattern, check_nm, nm_mask, pack_nm, unpack_bits, unpack_nm
 from ..sparse.permutation import check_permutation, identity_permutation, invert_permutation, is_identity
 
 
@@ -145,9 +145,17 @@ class PermutedSparseLinear(nn.Module):
 
         reason = semi_structured_support((self.out_features, self.in_features), self.weight.dtype,
                                          self.weight.device, self.n, self.m)
-        compressed = None if reason is not None else compress_weight(self.permuted_dense_weight())
+        compressed = None if reason is not None else compress_weight(self._checked_nm_weight())
         self._compressed = (key, compressed)
         return compressed
+
+    def _checked_nm_weight(self) -> torch.Tensor:
+        """The permuted dense weight, refused unless it is N:M (the semi-structured kernel would compute garbage)."""
+        dense = self.permuted_dense_weight()
+        if not check_nm(dense, self.n, self.m):
+            raise ValueError(f"This PermutedSparseLinear claims {self.n}:{self.m} but its weight_mask keeps more than "
+                             f"{self.n} of {self.m} entries in some groups; reload it from a valid checkpoint.")
+        return dense
 
     def extra_repr(self) -> str:
         perm = "offloaded" if self.input_perm.is_meta else "identity" if self.has_identity_perm() else "permuted"

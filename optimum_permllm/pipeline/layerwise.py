@@ -24,6 +24,7 @@ from .capture import CalibrationCache, capture
 from .distributed import map_across_ranks
 from .offload import check_offload, execution_device, offload_hooks, on_device
 from .planning import GroupPlan, learn_group_permutation, plan_group
+from .preflight import check_finite_inputs
 from .statistics import collect_statistics
 from .structure import attention_heads, find_decoder_layers, layer_linears, set_submodule
 
@@ -74,6 +75,7 @@ def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, confi
         config.pattern.check_width(linear.in_features, f"{qualified}.{name}.in_features")
     track_gram = config.metric == "sparsegpt" or config.permutation == "learned"
     stats, groups = collect_statistics(layer, index, cache, linears, track_gram)
+    check_finite_inputs({name: s.sum_squares for name, s in stats.items()}, qualified)
     learn = _learner(config, layer, index, cache, later_layers)
     head_shaped = _head_shaped_groups(layer, heads, groups, config)
 

@@ -95,7 +95,7 @@ def _prune_members(weights, dense, scores, stats, perm, config):
     for name, w in dense.items():
         rows = w.shape[0]
         if hessian is not None:
-            new, mask = sparsegpt_prune(w, hessian, n, m, perm=perm)
+            new, mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=config.damp)
         else:
             mask = nm_mask(scores[row:row + rows][:, perm], n, m)
             new = w[:, perm].masked_fill(~mask, 0)

@@ -1,0 +1,51 @@
+"""Checks run before a prune changes anything: finite weights and inputs, and the learned block sizes used."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..config import PermLLMConfig
+from .planning import block_size_for
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def check_finite_weights(linears: dict[str, nn.Linear]) -> None:
+    """Refuse NaN or infinite weights (they would be pruned silently into NaN logits), naming layer and tensor."""
+    for name, linear in linears.items():
+        for key in ("weight", "bias"):
+            tensor = getattr(linear, key, None)
+            if tensor is not None and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ValueError(f"{name}.{key} has {bad} NaN or infinite values: the model cannot be pruned. "
+                                 "Load it again from its checkpoint, or leave this layer dense (modules_to_not_convert).")
+
+
+def check_finite_inputs(sum_squares: dict[str, torch.Tensor], prefix: str) -> None:
+    """Refuse calibration inputs with NaN or infinite values (seen through their per-feature sums of squares)."""
+    for name, sums in sum_squares.items():
+        if not bool(torch.isfinite(sums).all()):
+            raise ValueError(
+                f"The calibration inputs of {prefix}.{name} contain NaN or infinite values: some weight before "
+                "this layer (a norm, an embedding) is not finite, or the activations overflow in this dtype. "
+                "Check the model's weights, or prune in float32."
+            )
+
+
+def warn_block_sizes(linears: dict[str, nn.Linear], config: PermLLMConfig) -> None:
+    """Say which layers learn their permutation with a smaller block than `block_size` (it must divide the width)."""
+    if config.permutation != "learned":
+        return
+    used = {name: block_size_for(linear.in_features, config.block_size, config.pattern.m)
+            for name, linear in linears.items()}
+    other = {name: size for name, size in used.items() if size != config.block_size}
+    if other:
+        shown = ", ".join(f"{name} (in_features={linears[name].in_features}: block {size})"
+                          for name, size in list(other.items())[:3])
+        more = f" and {len(other) - 3} more" if len(other) > 3 else ""
+        logger.warning("block_size=%d does not divide the input width of %s%s; those layers use the largest block "
+                       "size that does.", config.block_size, shown, more)
