@@ -58,3 +58,54 @@ def test_needs_calibration():
     assert not PermLLMConfig(metric="magnitude", permutation="none").needs_calibration
     assert PermLLMConfig(metric="magnitude", permutation="heuristic").needs_calibration
     assert PermLLMConfig(metric="wanda", permutation="none").needs_calibration
+
+
+def test_one_module_name_given_as_a_string_is_one_name():
+    assert PermLLMConfig(modules_to_not_convert="o_proj").modules_to_not_convert == ["o_proj"]
+
+
+def test_string_modules_to_not_convert_leaves_that_layer_dense():
+    import torch
+
+    from optimum_permllm import PermLLMSparsifier
+
+    from .conftest import tiny_model
+
+    model = tiny_model("llama")
+    PermLLMSparsifier(PermLLMConfig(metric="magnitude", permutation="none", modules_to_not_convert="o_proj")) \
+        .sparsify_model(model)
+    assert type(model.model.layers[0].self_attn.o_proj) is torch.nn.Linear
+    assert type(model.model.layers[0].self_attn.q_proj) is not torch.nn.Linear
+
+
+@pytest.mark.parametrize("dataset", ["", "   "])
+def test_empty_dataset_name_is_refused(dataset):
+    with pytest.raises(ValueError, match="dataset='' names no calibration text"):
+        PermLLMConfig(dataset=dataset)
+
+
+@pytest.mark.parametrize("settings", [dict(learner="ot"), dict(scope="block"), dict(block_size=32), dict(steps=5),
+                                      dict(lr=0.1)])
+@pytest.mark.parametrize("permutation", ["none", "heuristic"])
+def test_learned_only_settings_with_another_permutation_are_warned_about(settings, permutation):
+    (name, value), = settings.items()
+    with pytest.warns(UserWarning, match=rf"{name}={value!r} only apply to permutation='learned'"):
+        PermLLMConfig(permutation=permutation, **settings)
+
+
+def test_learned_settings_with_learned_permutation_are_not_warned_about(recwarn):
+    PermLLMConfig(permutation="learned", learner="ot", steps=5, block_size=32)
+    PermLLMConfig(permutation="heuristic")
+    assert not [w for w in recwarn if "only apply" in str(w.message)]
+
+
+@pytest.mark.parametrize("version", ["1", 1.0, True])
+def test_format_version_of_the_wrong_type_is_a_type_error(version):
+    with pytest.raises(TypeError, match="format_version must be an integer"):
+        PermLLMConfig(format_version=version)
+
+
+@pytest.mark.parametrize("damp", [0, -0.1, "0.1", None])
+def test_damp_must_be_positive(damp):
+    with pytest.raises(ValueError, match="damp must be a positive number"):
+        PermLLMConfig(damp=damp)
