@@ -11,12 +11,10 @@ interrupted run never leaves a folder that looks complete.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import shutil
+import re
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -79,7 +77,7 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     _prune_arguments(_command(sub, prog, "prune", "prune a dense model to N:M sparsity and save it"))
     _eval_arguments(_command(sub, prog, "eval", "measure perplexity and zero-shot accuracy"))
     _export_arguments(_command(sub, prog, "export-dense", "save a permllm checkpoint as a plain dense model"))
-    _info_arguments(_command(sub, prog, "info", "show what a permllm checkpoint holds"))
+    _info_arguments(_command(sub, prog, "info", "check a permllm checkpoint and show what it holds"))
     _push_arguments(_command(sub, prog, "push", "upload a checkpoint with a generated model card to the Hub"))
     demo = sub.add_parser("demo", help="prune, evaluate, save, reload and generate on SmolLM2-135M-Instruct",
                           add_help=False, prefix_chars="+")  # every option, --help included, goes to the demo
@@ -120,6 +118,8 @@ def _prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scope", default="layer", choices=SCOPES, help="objective of the learned permutation")
     parser.add_argument("--block-size", type=int, default=64, help="channels per learned permutation block")
     parser.add_argument("--steps", type=int, default=None, help="optimisation steps of the learned permutation")
+    parser.add_argument("--damp", type=float, default=0.01,
+                        help="SparseGPT dampening (default: 0.01; raise it if the Hessian is not positive definite)")
     parser.add_argument("--dataset", default=None,
                         help="calibration text: a Hub dataset name, a text file (default: offline Wikipedia)")
     parser.add_argument("--num-samples", type=int, default=128, help="calibration sequences (default: 128)")
@@ -154,6 +154,10 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Show what a permllm checkpoint holds, after checking it as loading does: tensors present "
+                          "and of the right shapes for the config's sparsity, permutations that are bijections, masks "
+                          "that keep exactly N of every M. Every problem is listed and the exit status is 1 when "
+                          "there is one.")
     parser.add_argument("checkpoint", help="permllm checkpoint folder or Hub id")
     parser.add_argument("--json", action="store_true", help="print the full per-layer report as JSON")
 
@@ -175,18 +179,18 @@ def run_prune(args) -> int:
         raise UsageError("give either a model id/folder or --gguf-file (exactly one)")
     output = _check_output(args.output, args.overwrite)
     from .config import PermLLMConfig
+    from .saving import save_pretrained
     from .sparsifier import PermLLMSparsifier
 
     config = PermLLMConfig(sparsity=args.sparsity, metric=args.metric, permutation=args.permutation,
                            learner=args.learner, scope=args.scope, block_size=args.block_size, steps=args.steps,
-                           dataset=args.dataset, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed)
+                           damp=args.damp, dataset=args.dataset, num_samples=args.num_samples, seq_len=args.seq_len,
+                           seed=args.seed)
     model, tokenizer = _load_dense(args)
     PermLLMSparsifier(config).sparsify_model(model, tokenizer, progress=not args.quiet)
     if not args.quiet:
         print(f"saving to {output} ...", file=sys.stderr, flush=True)
-    with atomic_folder(output, args.overwrite) as folder:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+    save_pretrained(model, output, tokenizer, overwrite=args.overwrite)
     _print_summary(model, f"saved the {config.sparsity} sparse model to {output}")
     return 0
 
@@ -219,19 +223,24 @@ def run_export_dense(args) -> int:
     model, tokenizer = _load_model(args.checkpoint, None, "cpu", args.dtype, need_tokenizer=False)
     if not getattr(model, "is_quantized", False):
         raise CLIError(f"{args.checkpoint} is not a permllm checkpoint (its config has no quantization_config)")
-    dense = model.dequantize()
-    with atomic_folder(output, args.overwrite) as folder:
-        dense.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
+    from .saving import save_pretrained
+
+    save_pretrained(model.dequantize(), output, tokenizer, overwrite=args.overwrite)
     print(f"saved a dense copy to {output} (pruned weights are zeros; load it without optimum_permllm)")
     return 0
 
 
 def run_info(args) -> int:
+    from .nn.validation import CheckpointError
     from .sparsifier import sparsity_report
 
-    model, _ = _load_model(args.checkpoint, None, "cpu", None, need_tokenizer=False, progress=False)
+    try:
+        model, _ = _load_model(args.checkpoint, None, "cpu", None, need_tokenizer=False, progress=False)
+    except CheckpointError as error:
+        print(f"{args.checkpoint}: {len(error.problems)} problem(s) found, the checkpoint does not load:", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
     report = sparsity_report(model)
     if not report:
         raise CLIError(f"{args.checkpoint} holds no sparse layers: it is not a permllm checkpoint")
@@ -245,6 +254,8 @@ def run_info(args) -> int:
     print(f"method: {config.get('metric')} pruning, permutation={config.get('permutation')}, "
           f"sparsity={config.get('sparsity')}, format version {config.get('format_version')}")
     _print_layers(report)
+    print("checked: every permutation is a bijection, every mask keeps exactly "
+          f"{config.get('sparsity')} and matches its packed values")
     return 0
 
 
@@ -314,27 +325,6 @@ def _check_output(path: str, overwrite: bool) -> Path:
     return output
 
 
-@contextlib.contextmanager
-def atomic_folder(target: Path, overwrite: bool = False):
-    """Yield a temporary folder beside `target`; rename it to `target` only when the block succeeds."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)
-        if target.exists() and overwrite:
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _write_text_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
@@ -357,6 +347,7 @@ def _device(name: str | None) -> str:
 def _load_model(source: str, tokenizer_source: str | None, device: str | None, dtype: str | None,
                 need_tokenizer: bool = True, progress: bool = True):
     """Load a (sparse or dense) causal LM and its tokenizer; the tokenizer is None when optional and absent."""
+    _check_source(source)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -376,6 +367,15 @@ def _load_model(source: str, tokenizer_source: str | None, device: str | None, d
             raise CLIError(f"no tokenizer found in {tokenizer_source or source}: pass --tokenizer")
         tokenizer = None
     return model, tokenizer
+
+
+def _check_source(source: str) -> None:
+    """A clear error for a model that is neither an existing folder nor shaped like a Hub id (namespace/name),
+    before transformers tries the Hub with it."""
+    if Path(source).expanduser().exists():
+        return
+    if source.startswith((".", "/", "~")) or source.count("/") != 1 or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        raise CLIError(f"{source}: no such local folder (a Hub model id has the form namespace/name)")
 
 
 def _load_dense(args):

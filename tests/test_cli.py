@@ -248,3 +248,64 @@ def test_prune_from_a_missing_gguf_file_is_one_line_error(tmp_path, capsys):
     assert cli.main(["prune", "--gguf-file", str(tmp_path / "nope.gguf"), "--output", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "nope.gguf not found" in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_optimum_cli_finds_the_permllm_command():
+    script = "import sys; from optimum.commands.optimum_cli import main; sys.argv = ['optimum-cli', 'permllm', 'info', '--help']; main()"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "optimum-cli permllm info" in done.stdout and "--json" in done.stdout
+
+
+def test_info_help_says_that_it_verifies(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["info", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "bijections" in out and "exit status is 1" in out
+
+
+def test_info_reports_every_problem_of_a_corrupted_checkpoint_and_exits_1(sparse_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    for path in sparse_dir.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(tmp_path / "model.safetensors")
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"):
+        tensors[f"{name}.input_perm"][1] = tensors[f"{name}.input_perm"][0]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert cli.main(["info", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err
+    assert "model.layers.0.mlp.down_proj.input_perm is not a bijection" in err
+    assert "model.layers.1.self_attn.o_proj.input_perm is not a bijection" in err
+
+
+def test_info_on_a_valid_checkpoint_says_what_was_checked(sparse_dir, capsys):
+    assert cli.main(["info", str(sparse_dir)]) == 0
+    assert "checked: every permutation is a bijection" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["prune", "./missing_folder", "--output", "OUT"], ["eval", "missing_folder"],
+                                  ["info", "/no/such/folder"], ["export-dense", "../missing", "--output", "OUT"]])
+def test_a_missing_local_folder_is_named_without_trying_the_hub(argv, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was tried")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "no such local folder" in err and argv[1] in err
+
+
+def test_prune_without_permutation_saves_and_records_damp(dense_dir, tmp_path):
+    """Layers of a group get their own input_perm tensor (a shared one made save_pretrained fail)."""
+    assert cli.main(["prune", str(dense_dir), "--output", str(tmp_path / "out"), "--metric", "sparsegpt",
+                     "--permutation", "none", "--damp", "0.2", "--dataset", str(dense_dir / "calibration.txt"),
+                     "--num-samples", "2", "--seq-len", "16", "--quiet"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["damp"] == 0.2
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert loaded.config.quantization_config.damp == 0.2

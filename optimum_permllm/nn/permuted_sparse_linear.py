@@ -71,7 +71,7 @@ class PermutedSparseLinear(nn.Module):
         with torch.no_grad():
             self.weight.data = values.to(self.weight.dtype)
             self.weight_mask.data = bitmask.to(self.weight_mask.device)
-            self.input_perm.data = perm.long().to(self.input_perm.device)
+            self.input_perm.data = perm.long().to(self.input_perm.device).clone()  # layers of a group never share it
             if bias is not None:
                 self.bias.data = bias.to(self.bias.dtype)
         self.invalidate_cache()
