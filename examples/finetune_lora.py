@@ -22,7 +22,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from optimum_permllm import PermLLMConfig, PermutedSparseLinear
+from optimum_permllm import PermLLMConfig, PermutedSparseLinear, save_pretrained
 from optimum_permllm.data.calibration import get_calibration_data, get_evaluation_text
 from optimum_permllm.data.assets import smollm2_model_dir
 from optimum_permllm.evaluation.perplexity import perplexity
@@ -122,8 +122,7 @@ def main(argv=None) -> dict:
     print(f"perplexity with LoRA: {report['lora_perplexity']:.2f}; merged into the 2:4 weights: "
           f"{report['merged_perplexity']:.2f}", flush=True)
     if args.output:
-        merged.save_pretrained(args.output)
-        tokenizer.save_pretrained(args.output)
+        save_pretrained(merged, args.output, tokenizer, overwrite=True)  # all or nothing
         report["output"] = args.output
     print(json.dumps(report, indent=2))
     return report

@@ -12,6 +12,8 @@ its arguments (`load()`), so that `--help` answers at once. Any public name load
 import sys
 from pathlib import Path
 
+from .saving import save_pretrained  # standard library only: no torch import
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "PermLLMHfQuantizer",
     "PermLLMSparsifier",
     "PermutedSparseLinear",
+    "save_pretrained",
     "sparsity_report",
 ]
 
