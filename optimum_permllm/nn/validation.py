@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..sparse.validation import nm_mask_problem, permutation_problem
+from ..sparse.validation import nm_mask_problem, non_finite_count, permutation_problem
 from .permuted_norm import PermutedOutputNorm
 from .permuted_sparse_linear import PermutedSparseLinear
 
@@ -64,8 +64,9 @@ def _linear_problems(name: str, module: PermutedSparseLinear) -> list[str]:
         problem = nm_mask_problem(module.weight_mask, module.weight, module.in_features, module.n, module.m)
         if problem:
             problems.append(f"{name}.weight_mask {problem}")
-        if module.weight.is_floating_point() and not bool(torch.isfinite(module.weight).all()):
-            problems.append(f"{name}.weight has {int((~torch.isfinite(module.weight)).sum())} NaN or infinite values")
+        bad = non_finite_count(module.weight)
+        if bad:
+            problems.append(f"{name}.weight has {bad} NaN or infinite values")
     return problems
 
 
