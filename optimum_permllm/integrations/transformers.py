@@ -83,9 +83,11 @@ def sparse_layer_names(checkpoint_files, config: PermLLMConfig) -> list[str]:
 def permuted_norm_names(checkpoint_files, config: PermLLMConfig | None = None) -> list[str]:
     """Norms the checkpoint stores with an `output_perm` (permutations folded into the norm); an error when a
     norm that the config records as permuted has lost its `output_perm`."""
-    keys = _checkpoint_shapes(checkpoint_files) or {}
-    names = {k[: -len(".output_perm")] for k in keys if k.endswith(".output_perm")}
+    keys = _checkpoint_shapes(checkpoint_files)
     recorded = set(getattr(config, "permuted_norms", None) or ())
+    if keys is None:  # no safetensors headers to read: trust the config
+        return sorted(recorded)
+    names = {k[: -len(".output_perm")] for k in keys if k.endswith(".output_perm")}
     _refuse_missing([f"{name}.output_perm" for name in sorted(recorded - names)])
     return sorted(names | recorded)
 
