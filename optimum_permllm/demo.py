@@ -87,8 +87,9 @@ def main(argv=None, prog: str | None = None) -> dict:
 
     output = Path(args.output)
     _step(5, f"saving to {output.resolve()}, reloading it with AutoModelForCausalLM, generating")
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    from .saving import save_pretrained
+
+    save_pretrained(model, output, tokenizer, overwrite=True)  # all or nothing: a failed save keeps the last one
     report["checkpoint"] = str(output.resolve())
     report["checkpoint_mb"] = round(sum(f.stat().st_size for f in output.iterdir() if f.is_file()) / 1e6, 1)
     reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).to(device).eval()
