@@ -16,7 +16,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.base import HfQuantizer
 
 from ..config import PermLLMConfig
-from ..nn.validation import check_sparse_modules
+from ..nn.validation import CheckpointError, check_sparse_modules
 from ..sparsifier import PermLLMSparsifier
 
 logger = logging.getLogger(__name__)
@@ -106,8 +106,6 @@ def check_tensor_shapes(model, module_names: list[str], shapes: dict[str, tuple]
                 problems.append(f"{name}.{key} has shape {tuple(stored)} in the checkpoint, but the model expects "
                                 f"{tuple(tensor.shape)}{_sparsity_hint(module, key, stored, config)}")
     if problems:
-        from ..nn.validation import CheckpointError
-
         raise CheckpointError(problems)
 
 
