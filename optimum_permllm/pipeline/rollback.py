@@ -13,7 +13,8 @@ def restored_on_error(model: nn.Module):
     buffers (the very objects, with the tensors they held), then re-raise.
 
     Pruning replaces modules and rebinds tensors (`.data = ...`) but never writes into the original tensors,
-    so keeping references is enough: nothing is copied."""
+    so keeping references is enough: nothing is copied. The offload stores and hooks of an accelerate-offloaded
+    layer are not part of this: a failure inside such a layer is not undone."""
     saved = [(module, dict(module._modules), dict(module._parameters), dict(module._buffers),
               {name: t.data for name, t in {**module._parameters, **module._buffers}.items() if t is not None})
              for module in model.modules()]
