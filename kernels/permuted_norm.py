@@ -49,13 +49,6 @@ def norm_reference(x, weight, bias, eps: float, kind: str) -> torch.Tensor:
     return (normed * (1.0 + weight.float())).to(x.dtype)
 
 
-def norm_output_dtype(x: torch.Tensor, weight: torch.Tensor | None, kind: str) -> torch.dtype:
-    """The dtype the Hugging Face module returns (LLaMA's multiply by w promotes)."""
-    if kind == "rms" and weight is not None:
-        return torch.promote_types(x.dtype, weight.dtype)
-    return x.dtype
-
-
 def _check_arguments(x, weight, bias, perm, kind: str) -> None:
     """Reject argument combinations no kind defines, naming what to pass instead."""
     if kind not in NORM_KINDS:

@@ -10,8 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .permuted_norm import norm_output_dtype
-
 KIND_CODES = {"rms": 0, "rms_one_plus": 1, "layer": 2}
 MAX_BLOCK = 4096
 
@@ -61,7 +59,7 @@ def permuted_norm_triton(x: torch.Tensor, weight, bias, perm: torch.Tensor, eps:
     n_cols = x.shape[-1]
     if perm.numel() != n_cols:
         raise ValueError(f"perm has {perm.numel()} entries but x has {n_cols} columns; the fused norm "
-                         "needs a full permutation (use gather_columns for other index sets).")
+                         "needs a full permutation (use x.index_select for other index sets).")
     x2d = x.reshape(-1, n_cols)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
@@ -74,6 +72,13 @@ def permuted_norm_triton(x: torch.Tensor, weight, bias, perm: torch.Tensor, eps:
             KIND=KIND_CODES[kind], HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             BLOCK=block, num_warps=_num_warps(block))
     return out.reshape(x.shape[:-1] + (n_cols,))
+
+
+def norm_output_dtype(x: torch.Tensor, weight: torch.Tensor | None, kind: str) -> torch.dtype:
+    """The dtype the Hugging Face module returns (LLaMA's multiply by w promotes)."""
+    if kind == "rms" and weight is not None:
+        return torch.promote_types(x.dtype, weight.dtype)
+    return x.dtype
 
 
 def _contiguous(tensor, placeholder: torch.Tensor) -> torch.Tensor:
