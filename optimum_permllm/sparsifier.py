@@ -173,8 +173,7 @@ def _to_dense(root: nn.Module, readers: dict[int, list[nn.Module]]) -> None:
             if layer.input_perm.is_meta:
                 raise ValueError("A permuted norm and a linear reading it are offloaded separately, so the norm's "
                                  "permutation cannot be moved back; load the model without device_map to dequantize it.")
-            layer.input_perm.data = compose(norm.output_perm, layer.input_perm)
-            layer.invalidate_cache()
+            layer.set_input_perm(compose(norm.output_perm, layer.input_perm))
         set_submodule(root, name, norm.unwrap())
     for name, module in [(n, m) for n, m in root.named_modules() if isinstance(m, PermutedSparseLinear)]:
         set_submodule(root, name, module.to_linear())

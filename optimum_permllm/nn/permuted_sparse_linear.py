@@ -74,10 +74,31 @@ class PermutedSparseLinear(nn.Module):
             self.input_perm.data = perm.long().to(self.input_perm.device).clone()  # layers of a group never share it
             if bias is not None:
                 self.bias.data = bias.to(self.bias.dtype)
-        self.invalidate_cache()
+        self.free_cache()
 
-    def invalidate_cache(self) -> None:
-        """Forget derived state (compressed CUDA weight, identity flag) after the stored tensors change."""
+    @torch.no_grad()
+    def set_input_perm(self, perm: torch.Tensor) -> None:
+        """Read the input in another order without touching the weight (folding moves a permutation
+        into the producer of the input, or back out of it)."""
+        check_permutation(perm, self.in_features)
+        self.input_perm.data = perm.detach().long().clone().to(self.input_perm.device)
+        self.free_cache()
+
+    @torch.no_grad()
+    def permute_output_rows(self, perm: torch.Tensor) -> None:
+        """Reorder the output features: out_new[j] = out_old[perm[j]]. Rows keep their N:M pattern."""
+        check_permutation(perm, self.out_features)
+        perm = perm.to(self.weight.device)
+        self.weight_mask.data = self.weight_mask.data[perm.to(self.weight_mask.device)]
+        self.weight.data = self.weight.data[perm]
+        if self.bias is not None:
+            self.bias.data = self.bias.data[perm.to(self.bias.device)]
+        self.free_cache()
+
+    def free_cache(self) -> None:
+        """Drop the weights derived for the forward (unpacked, compressed CUDA) and the identity flag;
+        they are rebuilt at the next call. The module calls it whenever its stored tensors change;
+        an offloading hook calls it to free the execution device between forwards."""
         self._compressed = None
         self._dense = None
         self._skip_gather = None
@@ -163,5 +184,5 @@ class PermutedSparseLinear(nn.Module):
                 f"sparsity={self.n}:{self.m}, input_perm={perm}, bias={self.bias is not None}")
 
     def _apply(self, fn, recurse=True):
-        self.invalidate_cache()
+        self.free_cache()
         return super()._apply(fn, recurse)

@@ -25,6 +25,7 @@ from ..nn.permuted_sparse_linear import PermutedSparseLinear
 from ..sparse.permutation import (head_shared_blocks, identity_permutation, invert_permutation,
                                   kv_rows_permutation)
 from .capture import CalibrationCache
+from .structure import set_submodule
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +33,13 @@ logger = logging.getLogger(__name__)
 @torch.no_grad()
 def permute_output_rows(module: nn.Module, perm: torch.Tensor) -> None:
     """Reorder the output features of a (sparse or dense) linear: out_new[j] = out_old[perm[j]]."""
-    perm = perm.to(module.weight.device)
     if isinstance(module, PermutedSparseLinear):
-        module.weight_mask.data = module.weight_mask.data[perm]
+        module.permute_output_rows(perm)
+        return
+    perm = perm.to(module.weight.device)
     module.weight.data = module.weight.data[perm]
     if module.bias is not None:
         module.bias.data = module.bias.data[perm]
-    if isinstance(module, PermutedSparseLinear):
-        module.invalidate_cache()
 
 
 def mlp_fold_candidates(layer: nn.Module) -> list[tuple[str, list[str]]]:
@@ -221,19 +221,13 @@ def _is_norm(module: nn.Module) -> bool:
 
 def _swap_norm(layer: nn.Module, name: str, norm: nn.Module, consumers, consumer_perm) -> None:
     """Put `norm` at `name` and set the input permutation of the linears that read it."""
-    _set_child(layer, name, norm)
+    set_submodule(layer, name, norm)
     _set_input_perms(consumers, consumer_perm)
-
-
-def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 def _set_input_perms(modules: list[PermutedSparseLinear], perm: torch.Tensor) -> None:
     for module in modules:
-        module.input_perm.data = perm.clone()
-        module.invalidate_cache()
+        module.set_input_perm(perm)
 
 
 def _same_output(output: torch.Tensor, reference: torch.Tensor) -> bool:

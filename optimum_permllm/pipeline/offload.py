@@ -32,7 +32,7 @@ class PrunedLayerOffloadHook(AlignDevicesHook):
     def post_forward(self, module: nn.Module, output):
         for sub in module.modules():
             if isinstance(sub, PermutedSparseLinear):
-                sub.invalidate_cache()
+                sub.free_cache()
         return super().post_forward(module, output)
 
 

@@ -94,3 +94,27 @@ def test_bad_shapes_are_rejected():
         PermutedSparseLinear(32, 8, 4, 4)
     with pytest.raises(ValueError, match="bijection|input channels"):
         PermutedSparseLinear.from_linear(nn.Linear(8, 4), 2, 4, perm=torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]))
+
+
+def test_permute_output_rows_reorders_the_outputs_after_a_cached_forward():
+    torch.manual_seed(5)
+    layer = PermutedSparseLinear.from_linear(nn.Linear(32, 12), 2, 4, perm=torch.randperm(32))
+    x = torch.randn(4, 32)
+    before = layer(x)  # fills the cached dense weight, which the mutator must drop
+    rows = torch.randperm(12)
+    layer.permute_output_rows(rows)
+    assert torch.equal(layer(x), before[:, rows])
+    assert check_nm(layer.permuted_dense_weight(), 2, 4)
+
+
+def test_set_input_perm_changes_the_read_order_and_nothing_else():
+    torch.manual_seed(6)
+    layer = PermutedSparseLinear.from_linear(nn.Linear(32, 12), 2, 4, perm=torch.randperm(32))
+    x = torch.randn(4, 32)
+    layer(x)
+    permuted_weight = layer.permuted_dense_weight().clone()
+    new = torch.randperm(32)
+    layer.set_input_perm(new)
+    torch.testing.assert_close(layer(x), x[:, new] @ permuted_weight.T + layer.bias, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        layer.set_input_perm(torch.zeros(32, dtype=torch.long))
