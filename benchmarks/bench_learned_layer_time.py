@@ -52,7 +52,7 @@ def main(argv=None) -> None:
                            num_samples=args.num_samples, seq_len=args.seq_len)
     seconds = []
     start = time.perf_counter()
-    sparsify_layerwise(model, samples, config, callback=lambda index, info: seconds.append(round(info["seconds"], 1)))
+    sparsify_layerwise(model, samples, config.to_plan(), callback=lambda index, info: seconds.append(round(info["seconds"], 1)))
     total = time.perf_counter() - start
     report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "threads": torch.get_num_threads(), "shape": f"hidden {args.hidden}, mlp {args.mlp}, {args.heads} heads",

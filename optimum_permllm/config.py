@@ -9,14 +9,13 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .options import FOLDING, LEARNERS, METRICS, PERMUTATIONS, SCOPES  # noqa: F401  (re-exported)
+from .pipeline.plan import LearningSettings, PruningPlan
 from .sparse.nm import NMPattern
 
 #: Version of the checkpoint layout this package writes. Readers refuse newer versions.
 FORMAT_VERSION = 1
 
 
-# Keys that are written by the library, not chosen by the user.
-_RECORDED_KEYS = ("quant_method", "format_version", "converted_modules", "permuted_norms")
 # Settings read only by the learned permutation, with their defaults.
 _LEARNED_ONLY = {"learner": "sinkhorn", "scope": "layer", "block_size": 64, "steps": None, "lr": None}
 
@@ -165,16 +164,20 @@ class PermLLMConfig(QuantizationConfigMixin):
         """True when pruning needs activations from calibration text."""
         return self.metric != "magnitude" or self.permutation != "none"
 
+    def to_plan(self) -> PruningPlan:
+        """The settings the pruning pipeline reads, resolved once into a frozen dataclass."""
+        learning = LearningSettings(learner=self.learner, scope=self.scope, block_size=self.block_size,
+                                    steps=self.steps, lr=self.lr, seed=self.seed)
+        return PruningPlan(pattern=self.pattern, metric=self.metric, damp=self.damp, permutation=self.permutation,
+                           fold_permutations=self.fold_permutations,
+                           modules_to_not_convert=tuple(self.modules_to_not_convert or ()), learning=learning)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict: objects (a tokenizer, a dataset) are recorded by name or dropped."""
         output = copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in ("tokenizer", "dataset")})
         output["tokenizer"] = _name_or_none(self.tokenizer)
         output["dataset"] = self.dataset if isinstance(self.dataset, (str, type(None))) else "<in-memory>"
         return output
-
-    def to_dict_sparsifier(self) -> dict[str, Any]:
-        """The fields that choose the algorithm, without what the library records."""
-        return {k: v for k, v in self.__dict__.items() if k not in _RECORDED_KEYS}
 
 
 def _name_or_none(tokenizer: Any) -> str | None:

@@ -50,9 +50,10 @@ class PermLLMSparsifier:
         `callback(layer_index, info)` is called after each decoder layer.
         """
         config = self.config
+        plan = config.to_plan()
         linears = prunable_linears(model, config.modules_to_not_convert)
         check_finite_weights(linears)
-        warn_block_sizes(linears, config)
+        warn_block_sizes(linears, plan)
         with restored_on_error(model):
             if config.needs_calibration:
                 from .pipeline.layerwise import sparsify_layerwise
@@ -62,7 +63,7 @@ class PermLLMSparsifier:
 
                 samples = get_calibration_data(config.dataset, tokenizer, config.num_samples, config.seq_len,
                                                config.seed)
-                converted = sparsify_layerwise(model, samples, config, progress=progress, callback=callback,
+                converted = sparsify_layerwise(model, samples, plan, progress=progress, callback=callback,
                                                device=device)
             else:
                 converted = self._magnitude_prune(model)

@@ -54,7 +54,7 @@ def pruned_weight(weight, stats, method: str, sparsity: str, metric: str):
     from optimum_permllm.sparse.permutation import invert_permutation
 
     config = PermLLMConfig(sparsity=sparsity, metric=metric, permutation=method)
-    plan = plan_group({"w": weight}, stats, config)
+    plan = plan_group({"w": weight}, stats, config.to_plan())
     return plan.weights["w"][:, invert_permutation(plan.perm)]
 
 

@@ -43,6 +43,16 @@ def score_fn(metric: str) -> ScoreFn:
         raise ValueError(f"Unknown pruning metric {metric!r}; valid metrics: {', '.join(sorted(_METRICS))}.") from None
 
 
+def permutation_metric(metric: str) -> str:
+    """The score that chooses channel permutations (heuristic and learned) for a pruning `metric`.
+
+    The permutation is chosen for the mask the metric will keep, so it is scored by that metric:
+    'magnitude' -> |W|, 'wanda' -> Wanda, 'ria' -> RIA. SparseGPT has no score of its own (it decides
+    masks from the Hessian while updating weights), so it is permuted by Wanda, its usual companion.
+    """
+    return "wanda" if metric == "sparsegpt" else metric
+
+
 def _checked_norms(weight: torch.Tensor, feature_norms: torch.Tensor | None, metric: str) -> torch.Tensor:
     """The feature norms as a float32 [1, in_features] row, or a clear error if they do not fit."""
     if feature_norms is None:

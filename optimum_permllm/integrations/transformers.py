@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import logging
 import torch
 
 from transformers.quantizers import register_quantization_config, register_quantizer
@@ -18,8 +17,6 @@ from transformers.quantizers.base import HfQuantizer
 from ..config import PermLLMConfig
 from ..nn.validation import CheckpointError, check_sparse_modules
 from ..sparsifier import PermLLMSparsifier
-
-logger = logging.getLogger(__name__)
 
 _SPARSE_KEYS = ("weight", "weight_mask", "input_perm")
 

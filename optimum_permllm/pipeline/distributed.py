@@ -38,13 +38,6 @@ def map_across_ranks(fn: Callable[[Item], Result], items: Sequence[Item], group=
     return [merged[i] for i in range(len(items))]
 
 
-def learn_permutations(problems: Sequence[dict], group=None) -> list:
-    """`learn_permutation(**problem)` for every problem (weights, gram, ... keyword dicts), across ranks."""
-    from ..algorithms.learned_permutation import learn_permutation
-
-    return map_across_ranks(lambda problem: learn_permutation(**problem), problems, group)
-
-
 def _to_cpu(value):
     """`value` with every tensor inside dataclasses, dicts, lists and tuples moved to the CPU."""
     if isinstance(value, torch.Tensor):

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import PermLLMConfig
 from ..nn.permuted_sparse_linear import PermutedSparseLinear
 from .capture import CalibrationCache, capture
 from .distributed import map_across_ranks
 from .offload import check_offload, execution_device, offload_hooks, on_device
+from .plan import PruningPlan
 from .planning import GroupPlan, learn_group_permutation, plan_group
 from .preflight import check_finite_inputs
 from .statistics import collect_statistics
@@ -34,7 +34,7 @@ LayerCallback = Callable[[int, dict], None]
 
 
 @torch.no_grad()
-def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, config: PermLLMConfig, progress: bool = True,
+def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, plan: PruningPlan, progress: bool = True,
                        callback: LayerCallback | None = None, device=None, batch_size: int = 1) -> list[str]:
     """Prune every decoder linear of `model` in place; returns the qualified names of converted layers."""
     prefix, layers = find_decoder_layers(model)
@@ -42,7 +42,7 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, config: PermLLMC
     model_device = execution_device(layers) or next(model.parameters()).device
     device = torch.device(device) if device is not None else model_device
     _check_samples(samples, model)
-    _check_model_scope(config, layers, device)
+    _check_model_scope(plan, layers, device)
     heads = attention_heads(getattr(model, "config", None))
     converted: list[str] = []
     with _no_kv_cache(model):
@@ -54,7 +54,7 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, config: PermLLMC
             start = time.perf_counter()
             layer = layers[index]
             with on_device(layer, device):  # an accelerate-offloaded layer is loaded, then written back
-                names, info = _sparsify_layer(layer, index, cache, config, f"{prefix}.{index}",
+                names, info = _sparsify_layer(layer, index, cache, plan, f"{prefix}.{index}",
                                               layers[index + 1:], heads)
                 cache.hidden = [cache.call_for(index, h).run(layer, h) for h in cache.hidden]
             converted += names
@@ -67,63 +67,62 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, config: PermLLMC
 
 
 @torch.no_grad()
-def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, config: PermLLMConfig,
+def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, plan: PruningPlan,
                     qualified: str, later_layers=(), heads=None) -> tuple[list[str], dict]:
     """Prune one decoder layer in place; returns the converted names and what was decided per group."""
-    linears = layer_linears(layer, config.modules_to_not_convert, layer_name=qualified)
+    linears = layer_linears(layer, plan.modules_to_not_convert, layer_name=qualified)
     for name, linear in linears.items():
-        config.pattern.check_width(linear.in_features, f"{qualified}.{name}.in_features")
-    track_gram = config.metric == "sparsegpt" or config.permutation == "learned"
-    stats, groups = collect_statistics(layer, index, cache, linears, track_gram)
+        plan.pattern.check_width(linear.in_features, f"{qualified}.{name}.in_features")
+    stats, groups = collect_statistics(layer, index, cache, linears, plan.needs_gram)
     check_finite_inputs({name: s.sum_squares for name, s in stats.items()}, qualified)
-    learn = _learner(config, layer, index, cache, later_layers)
-    head_shaped = _head_shaped_groups(layer, heads, groups, config)
+    learn = _learner(plan, layer, index, cache, later_layers)
+    head_shaped = _head_shaped_groups(layer, heads, groups, plan)
 
     def plan_one(group):  # groups are independent, so under torch.distributed each rank plans a share
         weights = {name: linears[name].weight for name in group}
         group_learn = None if learn is None else (lambda w, s, p: learn(group, w, s, p))
         group_heads = heads[:2] if group[0] in head_shaped else None
-        return plan_group(weights, stats[group[0]], config, learn=group_learn, heads=group_heads)
+        return plan_group(weights, stats[group[0]], plan, learn=group_learn, heads=group_heads)
 
-    plans = dict(zip(map(tuple, groups), map_across_ranks(plan_one, groups)))
-    for group, plan in plans.items():
-        _replace_group(layer, linears, group, plan, config)
-    if config.fold_permutations:
+    decided = dict(zip(map(tuple, groups), map_across_ranks(plan_one, groups)))
+    for group, group_plan in decided.items():
+        _replace_group(layer, linears, group, group_plan, plan)
+    if plan.fold_permutations:
         from .folding import fold_layer_permutations
 
         fold_layer_permutations(layer, index, cache, heads, groups)
-    info = {"groups": {"+".join(group): plan.info for group, plan in plans.items()}}
+    info = {"groups": {"+".join(group): group_plan.info for group, group_plan in decided.items()}}
     return [f"{qualified}.{name}" for name in linears], info
 
 
-def _head_shaped_groups(layer: nn.Module, heads, groups, config: PermLLMConfig) -> set[str]:
+def _head_shaped_groups(layer: nn.Module, heads, groups, plan: PruningPlan) -> set[str]:
     """With fold_permutations="all": attention-output groups whose heuristic permutation is chosen inside
     heads, so that it folds into v_proj (a free permutation keeps more score: measured in BENCHMARKS.md)."""
-    if heads is None or config.fold_permutations != "all" or config.permutation != "heuristic" or heads[2] % config.pattern.m:
+    if heads is None or plan.fold_permutations != "all" or plan.permutation != "heuristic" or heads[2] % plan.pattern.m:
         return set()
     from .folding import head_fold_candidates
 
     return {consumer for consumer, _ in head_fold_candidates(layer, heads, groups) if [consumer] in groups}
 
 
-def _replace_group(layer, linears, group, plan: GroupPlan, config: PermLLMConfig) -> None:
-    n, m = config.pattern.n, config.pattern.m
+def _replace_group(layer, linears, group, group_plan: GroupPlan, plan: PruningPlan) -> None:
+    n, m = plan.pattern.n, plan.pattern.m
     for name in group:
-        sparse = PermutedSparseLinear.from_linear(linears[name], n, m, mask=plan.masks[name], perm=plan.perm,
-                                                  weight=plan.weights[name])
+        sparse = PermutedSparseLinear.from_linear(linears[name], n, m, mask=group_plan.masks[name],
+                                                  perm=group_plan.perm, weight=group_plan.weights[name])
         set_submodule(layer, name, sparse)
 
 
-def _learner(config: PermLLMConfig, layer: nn.Module, index: int, cache: CalibrationCache, later_layers=()):
-    """The learned-permutation step `learn(group, weights, stats, init_perm)`, in the configured scope."""
-    if config.permutation != "learned":
+def _learner(plan: PruningPlan, layer: nn.Module, index: int, cache: CalibrationCache, later_layers=()):
+    """The learned-permutation step `learn(group, weights, stats, init_perm)`, in the planned scope."""
+    if plan.permutation != "learned":
         return None
 
     def learn(group, weights, stats, init_perm):
         from .scopes import scope_loss_fn
 
-        loss_fn = scope_loss_fn(config.scope, layer, index, cache, group, later_layers=later_layers)
-        return learn_group_permutation(weights, stats, init_perm, config, loss_fn)
+        loss_fn = scope_loss_fn(plan.learning.scope, layer, index, cache, group, later_layers=later_layers)
+        return learn_group_permutation(weights, stats, init_perm, plan, loss_fn)
 
     return learn
 
@@ -146,10 +145,10 @@ def _summary(info: dict) -> str:
     return "; ".join(parts) + f" ({info.get('seconds', 0):.1f}s)"
 
 
-def _check_model_scope(config: PermLLMConfig, layers, device: torch.device) -> None:
+def _check_model_scope(plan: PruningPlan, layers, device: torch.device) -> None:
     """The `model` scope runs every later decoder layer with its own weights at each learning step, so all of
     them must be loaded on the pruning device: refuse offloaded layers or layers elsewhere, before any change."""
-    if config.permutation != "learned" or config.scope != "model":
+    if plan.permutation != "learned" or plan.learning.scope != "model":
         return
     placed = {p.device for layer in layers for p in layer.parameters()}
     offloaded = any(offload_hooks(layer) for layer in layers)

@@ -6,7 +6,6 @@ layer, the pruned weight and mask in permuted column order come out.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 
@@ -16,11 +15,9 @@ from ..algorithms.heuristic_permutation import head_shared_permutation, heuristi
 from ..algorithms.scores import score_fn
 from ..algorithms.sparsegpt import sparsegpt_prune
 from ..algorithms.statistics import InputStatistics
-from ..config import PermLLMConfig
 from ..sparse.nm import nm_mask
 from ..sparse.permutation import identity_permutation
-
-logger = logging.getLogger(__name__)
+from .plan import PruningPlan
 
 LSA_BLOCK = 256  # groups per assignment problem in the heuristic permutation of wide layers
 
@@ -35,12 +32,7 @@ class GroupPlan:
     info: dict = field(default_factory=dict)
 
 
-def selection_metric(config: PermLLMConfig) -> str:
-    """The score that chooses permutations (SparseGPT chooses them with Wanda scores, then updates weights)."""
-    return "wanda" if config.metric == "sparsegpt" else config.metric
-
-
-def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, config: PermLLMConfig,
+def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, plan: PruningPlan,
                learn=None, heads: tuple[int, int] | None = None) -> GroupPlan:
     """Choose the group's permutation, then prune every member in that order.
 
@@ -49,53 +41,54 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, config:
     `heads` (num_heads, num_kv_heads) restricts the heuristic permutation of an attention output to
     moves inside each head, so that it can be folded into the value projection.
     """
-    n, m = config.pattern.n, config.pattern.m
-    metric = selection_metric(config)
+    n, m = plan.pattern.n, plan.pattern.m
+    metric = plan.permutation_metric
     norms = stats.feature_norms() if metric != "magnitude" else None
     dense = {name: w.detach().float() for name, w in weights.items()}
     scores = torch.cat([score_fn(metric)(w, norms) for w in dense.values()])
     width = scores.shape[1]
     info = {"identity_score": retained_score(scores, identity_permutation(width), n, m)}
     perm = identity_permutation(width, scores.device)
-    if config.permutation in ("heuristic", "learned"):
+    if plan.permutation in ("heuristic", "learned"):
         groups = width // m  # wide layers: assignments over blocks of groups (scipy is slow past ~1k groups)
         if heads is not None:
             perm = head_shared_permutation(scores, *heads, n, m)
         else:
             perm = heuristic_permutation(scores, n, m, max_groups_per_lsa=LSA_BLOCK if groups > 4 * LSA_BLOCK else None)
         info["heuristic_score"] = retained_score(scores, perm, n, m)
-    if config.permutation == "learned":
-        learn = learn or (lambda w, s, p: learn_group_permutation(w, s, p, config))
+    if plan.permutation == "learned":
+        learn = learn or (lambda w, s, p: learn_group_permutation(w, s, p, plan))
         perm, learned_info = learn(list(dense.values()), stats, perm)
         info.update(learned_info)
-    pruned, masks = _prune_members(weights, dense, scores, stats, perm, config)
+    pruned, masks = _prune_members(weights, dense, scores, stats, perm, plan)
     return GroupPlan(perm=perm, weights=pruned, masks=masks, info=info)
 
 
-def learn_group_permutation(weights, stats, init_perm: torch.Tensor, config: PermLLMConfig, loss_fn=None):
-    """Learn one group's permutation from `init_perm` with the config's learner, metric and budget;
+def learn_group_permutation(weights, stats, init_perm: torch.Tensor, plan: PruningPlan, loss_fn=None):
+    """Learn one group's permutation from `init_perm` with the plan's learner, metric and budget;
     `loss_fn` None is the exact `layer` objective. Returns (perm, {"init_loss", "learned_loss"})."""
     from ..algorithms.learned_permutation import learn_permutation
 
-    block = block_size_for(weights[0].shape[1], config.block_size, config.pattern.m)
-    kwargs = {"steps": config.steps} if config.steps is not None else {}
+    learning = plan.learning
+    block = block_size_for(weights[0].shape[1], learning.block_size, plan.pattern.m)
+    kwargs = {"steps": learning.steps} if learning.steps is not None else {}
     with torch.enable_grad():  # the pruning pass runs under no_grad; learning needs gradients
-        result = learn_permutation(weights, stats.gram(), stats.feature_norms(), config.pattern.n, config.pattern.m,
-                                   metric="ria" if config.metric == "ria" else "wanda", method=config.learner,
-                                   init_perm=init_perm, block_size=block, lr=config.lr, seed=config.seed,
+        result = learn_permutation(weights, stats.gram(), stats.feature_norms(), plan.pattern.n, plan.pattern.m,
+                                   metric=plan.permutation_metric, method=learning.learner,
+                                   init_perm=init_perm, block_size=block, lr=learning.lr, seed=learning.seed,
                                    loss_fn=loss_fn, **kwargs)
     return result.perm, {"init_loss": result.init_loss, "learned_loss": result.best_loss}
 
 
-def _prune_members(weights, dense, scores, stats, perm, config):
+def _prune_members(weights, dense, scores, stats, perm, plan: PruningPlan):
     """Prune each member in permuted order, by its scores or by SparseGPT with a weight update."""
-    n, m = config.pattern.n, config.pattern.m
+    n, m = plan.pattern.n, plan.pattern.m
     pruned, masks, row = {}, {}, 0
-    hessian = stats.hessian() if config.metric == "sparsegpt" else None
+    hessian = stats.hessian() if plan.metric == "sparsegpt" else None
     for name, w in dense.items():
         rows = w.shape[0]
         if hessian is not None:
-            new, mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=config.damp)
+            new, mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=plan.damp)
         else:
             mask = nm_mask(scores[row:row + rows][:, perm], n, m)
             new = w[:, perm].masked_fill(~mask, 0)

@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from ..config import PermLLMConfig
+from .plan import PruningPlan
 from .planning import block_size_for
 
 logger = logging.getLogger(__name__)
@@ -36,16 +36,16 @@ def check_finite_inputs(sum_squares: dict[str, torch.Tensor], prefix: str) -> No
             )
 
 
-def warn_block_sizes(linears: dict[str, nn.Linear], config: PermLLMConfig) -> None:
+def warn_block_sizes(linears: dict[str, nn.Linear], plan: PruningPlan) -> None:
     """Say which layers learn their permutation with a smaller block than `block_size` (it must divide the width)."""
-    if config.permutation != "learned":
+    if plan.permutation != "learned":
         return
-    used = {name: block_size_for(linear.in_features, config.block_size, config.pattern.m)
-            for name, linear in linears.items()}
-    other = {name: size for name, size in used.items() if size != config.block_size}
+    block_size = plan.learning.block_size
+    used = {name: block_size_for(linear.in_features, block_size, plan.pattern.m) for name, linear in linears.items()}
+    other = {name: size for name, size in used.items() if size != block_size}
     if other:
         shown = ", ".join(f"{name} (in_features={linears[name].in_features}: block {size})"
                           for name, size in list(other.items())[:3])
         more = f" and {len(other) - 3} more" if len(other) > 3 else ""
         logger.warning("block_size=%d does not divide the input width of %s%s; those layers use the largest block "
-                       "size that does.", config.block_size, shown, more)
+                       "size that does.", block_size, shown, more)

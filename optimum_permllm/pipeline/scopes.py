@@ -23,9 +23,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..options import SCOPES
 from .capture import CalibrationCache, LayerCall
-
-SCOPES = ("layer", "block", "model")
 
 
 def run_call(call: LayerCall, layer: nn.Module, hidden: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:

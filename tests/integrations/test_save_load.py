@@ -153,7 +153,7 @@ def test_folded_pipeline_model_round_trips_and_dequantizes(family, fold, tmp_pat
 
     model = tiny_model(family)
     config = PermLLMConfig(metric="wanda", permutation="heuristic", fold_permutations=fold)
-    config.converted_modules = sparsify_layerwise(model, _ids(), config, progress=False)
+    config.converted_modules = sparsify_layerwise(model, _ids(), config.to_plan(), progress=False)
     model.config.quantization_config = config
     reference = model(_ids()).logits
     model.save_pretrained(tmp_path)

@@ -36,7 +36,7 @@ def _worker(rank, world, port, folder):
     try:
         owners = map_across_ranks(lambda item: (item, dist.get_rank()), list(range(5)))
         model = tiny_model("llama")
-        sparsify_layerwise(model, _ids(), _config(), progress=False)
+        sparsify_layerwise(model, _ids(), _config().to_plan(), progress=False)
         torch.save({"owners": owners, "perms": _perms(model), "distributed": is_distributed()},
                    os.path.join(folder, f"rank{rank}.pt"))
     finally:
@@ -53,7 +53,7 @@ def test_two_ranks_learn_the_same_permutations_as_one_process(tmp_path):
     torch.set_num_threads(1)
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     single = tiny_model("llama")
-    sparsify_layerwise(single, _ids(), _config(), progress=False)
+    sparsify_layerwise(single, _ids(), _config().to_plan(), progress=False)
     expected = _perms(single)
     assert expected and not is_distributed()
     for rank in range(2):

@@ -67,7 +67,7 @@ def _random_group(seed=0, out=48, width=64):
 
 def test_heuristic_plan_keeps_at_least_the_identity_score():
     weights, stats, _ = _random_group()
-    plan = plan_group(weights, stats, PermLLMConfig(metric="wanda", permutation="heuristic"))
+    plan = plan_group(weights, stats, PermLLMConfig(metric="wanda", permutation="heuristic").to_plan())
     assert plan.info["heuristic_score"] >= plan.info["identity_score"]
     scores = torch.cat([wanda_scores(w, stats.feature_norms()) for w in weights.values()])
     assert retained_score(scores, plan.perm, 2, 4) == pytest.approx(plan.info["heuristic_score"])
@@ -80,7 +80,7 @@ def test_sparsegpt_plan_reconstructs_the_layer_better_than_wanda():
     weights, stats, x = _random_group(seed=3)
     errors = {}
     for metric in ("wanda", "sparsegpt"):
-        plan = plan_group(weights, stats, PermLLMConfig(metric=metric, permutation="heuristic"))
+        plan = plan_group(weights, stats, PermLLMConfig(metric=metric, permutation="heuristic").to_plan())
         xp = x[:, plan.perm]
         errors[metric] = sum(float((xp @ plan.weights[k].T - x @ w.T).square().sum()) for k, w in weights.items())
     assert errors["sparsegpt"] < errors["wanda"]
@@ -99,7 +99,7 @@ def test_every_linear_is_pruned_and_keeps_its_pattern(family, metric, permutatio
     model = tiny_model(family)
     layers = find_decoder_layers(model)[1]
     config = PermLLMConfig(metric=metric, permutation=permutation)
-    names = sparsify_layerwise(model, _ids(), config, progress=False)
+    names = sparsify_layerwise(model, _ids(), config.to_plan(), progress=False)
     sparse = {n: m for n, m in model.named_modules() if isinstance(m, PermutedSparseLinear)}
     assert sorted(names) == sorted(sparse) and len(sparse) >= 8
     assert not any(isinstance(m, nn.Linear) for m in layers.modules())
@@ -111,9 +111,9 @@ def test_every_linear_is_pruned_and_keeps_its_pattern(family, metric, permutatio
 @pytest.mark.parametrize("fold", [True, "all"])
 def test_folding_keeps_the_logits_and_removes_the_gathers(family, fold, monkeypatch):
     folded, unfolded = tiny_model(family), tiny_model(family)
-    sparsify_layerwise(folded, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations=fold), progress=False)
+    sparsify_layerwise(folded, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations=fold).to_plan(), progress=False)
     monkeypatch.setattr("optimum_permllm.pipeline.folding.fold_layer_permutations", lambda *args, **kwargs: [])
-    sparsify_layerwise(unfolded, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations=fold), progress=False)
+    sparsify_layerwise(unfolded, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations=fold).to_plan(), progress=False)
     with torch.no_grad():
         torch.testing.assert_close(folded(_ids(seed=5)).logits, unfolded(_ids(seed=5)).logits, rtol=1e-5, atol=1e-5)
     gathers = lambda m: sum(not x.has_identity_perm() for x in m.modules() if isinstance(x, PermutedSparseLinear))  # noqa: E731
@@ -142,7 +142,7 @@ def test_fold_true_never_changes_the_chosen_permutations(monkeypatch):
     folded, unfolded = tiny_model("llama"), tiny_model("llama")
     for model, fold in ((folded, True), (unfolded, False)):
         chosen[fold] = []
-        sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations=fold), progress=False)
+        sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations=fold).to_plan(), progress=False)
     assert len(chosen[True]) == 2 * 4  # 2 layers x (q/k/v, o, gate/up, down)
     assert all(torch.equal(a, b) for a, b in zip(chosen[True], chosen[False], strict=True))
     assert any(not torch.equal(p, identity_permutation(len(p))) for p in chosen[True])  # not trivially equal
@@ -153,7 +153,7 @@ def test_fold_true_never_changes_the_chosen_permutations(monkeypatch):
 def test_attention_output_permutation_stays_inside_heads_and_is_shared_by_kv_heads(monkeypatch):
     model = tiny_model("llama")  # 4 query heads, 2 KV heads
     monkeypatch.setattr("optimum_permllm.pipeline.folding.fold_layer_permutations", lambda *args, **kwargs: [])
-    sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations="all"), progress=False)
+    sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="heuristic", fold_permutations="all").to_plan(), progress=False)
     attention = model.model.layers[0].self_attn
     blocks = head_shared_blocks(attention.o_proj.input_perm, 4, 2)
     assert blocks is not None and not attention.o_proj.has_identity_perm()
@@ -163,7 +163,7 @@ def test_attention_output_permutation_stays_inside_heads_and_is_shared_by_kv_hea
 def test_learned_permutation_runs_in_the_pipeline():
     model = tiny_model("llama")
     infos = []
-    sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="learned", steps=3), progress=False,
+    sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="learned", steps=3).to_plan(), progress=False,
                        callback=lambda index, info: infos.append(info))
     assert len(infos) == 2
     for group in infos[0]["groups"].values():
@@ -192,7 +192,7 @@ def test_installed_layers_have_the_error_the_learner_reported():
     for hook in hooks:
         hook.remove()
     infos = []
-    sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="learned", steps=3, fold_permutations=False),
+    sparsify_layerwise(model, _ids(), PermLLMConfig(permutation="learned", steps=3, fold_permutations=False).to_plan(),
                        progress=False, callback=lambda index, info: infos.append(info))
     for group, info in infos[0]["groups"].items():
         members = group.split("+")
@@ -214,24 +214,24 @@ def test_a_model_without_decoder_layers_is_refused():
 def test_widths_not_divisible_by_m_name_the_fix():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="modules_to_not_convert"):
-        sparsify_layerwise(model, _ids(), PermLLMConfig(sparsity="1:3", permutation="none"), progress=False)
+        sparsify_layerwise(model, _ids(), PermLLMConfig(sparsity="1:3", permutation="none").to_plan(), progress=False)
 
 
 def test_tokens_outside_the_vocabulary_are_refused():
     with pytest.raises(ValueError, match="tokenizer does not belong"):
-        sparsify_layerwise(tiny_model("llama"), _ids(vocab=1000), PermLLMConfig(), progress=False)
+        sparsify_layerwise(tiny_model("llama"), _ids(vocab=1000), PermLLMConfig().to_plan(), progress=False)
 
 
 def test_skipped_modules_stay_dense():
     model = tiny_model("llama")
-    sparsify_layerwise(model, _ids(), PermLLMConfig(modules_to_not_convert=["o_proj"]), progress=False)
+    sparsify_layerwise(model, _ids(), PermLLMConfig(modules_to_not_convert=["o_proj"]).to_plan(), progress=False)
     assert isinstance(model.model.layers[0].self_attn.o_proj, nn.Linear)
     assert isinstance(model.model.layers[0].self_attn.q_proj, PermutedSparseLinear)
 
 
 def test_identity_permutation_helper_matches_plan_for_none():
     weights, stats, _ = _random_group()
-    plan = plan_group(weights, stats, PermLLMConfig(permutation="none"))
+    plan = plan_group(weights, stats, PermLLMConfig(permutation="none").to_plan())
     assert torch.equal(plan.perm, identity_permutation(64))
 
 
@@ -250,8 +250,8 @@ def test_a_cpu_model_pruned_on_an_explicit_gpu_matches_pruning_on_the_cpu():
     """device= prunes each layer of a CPU model on the GPU and puts it back: same state as pruning on the CPU."""
     on_cpu, on_gpu = tiny_model("llama"), tiny_model("llama")
     config = PermLLMConfig(metric="wanda", permutation="heuristic")
-    sparsify_layerwise(on_cpu, _ids(), config, progress=False)
-    sparsify_layerwise(on_gpu, _ids(), config, progress=False, device="cuda")
+    sparsify_layerwise(on_cpu, _ids(), config.to_plan(), progress=False)
+    sparsify_layerwise(on_gpu, _ids(), config.to_plan(), progress=False, device="cuda")
     assert {t.device.type for t in [*on_gpu.parameters(), *on_gpu.buffers()]} == {"cpu"}
     expected, state = on_cpu.state_dict(), on_gpu.state_dict()
     assert sorted(state) == sorted(expected)
@@ -264,6 +264,24 @@ def test_a_cpu_model_pruned_on_an_explicit_gpu_matches_pruning_on_the_cpu():
 def test_pruning_builds_no_autograd_graph():
     """Activations recomputed between layers must not keep a graph (it held every layer's activations)."""
     states = []
-    sparsify_layerwise(tiny_model("llama"), _ids(), PermLLMConfig(), progress=False,
+    sparsify_layerwise(tiny_model("llama"), _ids(), PermLLMConfig().to_plan(), progress=False,
                        callback=lambda index, info: states.append(torch.is_grad_enabled()))
     assert states == [False, False]
+
+
+@pytest.mark.parametrize("metric", ["magnitude", "wanda", "ria", "sparsegpt"])
+def test_learned_permutation_is_scored_like_the_heuristic_and_the_final_masks(metric, monkeypatch):
+    """One metric scores every step that chooses a permutation: the heuristic start, the learned step and
+    the masks kept in the end (SparseGPT, which has no score of its own, is permuted by Wanda)."""
+    import optimum_permllm.algorithms.learned_permutation as learned
+    import optimum_permllm.pipeline.planning as planning
+
+    used = {"heuristic": [], "learned": []}
+    real_score_fn, real_learn = planning.score_fn, learned.learn_permutation
+    monkeypatch.setattr(planning, "score_fn", lambda name: used["heuristic"].append(name) or real_score_fn(name))
+    monkeypatch.setattr(learned, "learn_permutation",
+                        lambda *args, **kwargs: used["learned"].append(kwargs["metric"]) or real_learn(*args, **kwargs))
+    weights, stats, _ = _random_group()
+    plan_group(weights, stats, PermLLMConfig(metric=metric, permutation="learned", steps=2).to_plan())
+    expected = "wanda" if metric == "sparsegpt" else metric
+    assert used == {"heuristic": [expected] * len(weights), "learned": [expected]}

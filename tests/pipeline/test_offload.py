@@ -38,7 +38,7 @@ def test_cpu_offloaded_model_prunes_to_the_same_logits_as_in_memory(family, metr
     reference = tiny_model(family)
     offloaded = cpu_offload(copy.deepcopy(reference), execution_device=CPU)
     for model in (reference, offloaded):
-        sparsify_layerwise(model, _ids(), PermLLMConfig(metric=metric), progress=False)
+        sparsify_layerwise(model, _ids(), PermLLMConfig(metric=metric).to_plan(), progress=False)
     assert _sparse_count(offloaded) == _sparse_count(reference) > 0
     with torch.no_grad():
         assert torch.equal(offloaded(_ids(seed=1)).logits, reference(_ids(seed=1)).logits)
@@ -49,7 +49,7 @@ def test_pruned_offloaded_layer_lives_in_its_cpu_store_and_holds_meta_tensors():
     offloaded = cpu_offload(copy.deepcopy(reference), execution_device=CPU)
     original_store = offloaded.model.embed_tokens._hf_hook.weights_map.dataset  # the dict cpu_offload made
     for model in (reference, offloaded):
-        sparsify_layerwise(model, _ids(), PermLLMConfig(), progress=False)
+        sparsify_layerwise(model, _ids(), PermLLMConfig().to_plan(), progress=False)
     with torch.no_grad():
         offloaded(_ids(seed=1))
     for index, (layer, dense) in enumerate(zip(_decoder_layers(offloaded), _decoder_layers(reference))):
@@ -93,7 +93,7 @@ def test_disk_offloaded_model_is_refused_before_any_change(tmp_path):
     with torch.no_grad():
         before = model(_ids(seed=1)).logits
     with pytest.raises(ValueError, match=r"layers\.0 is offloaded to disk.*CPU offload instead.*device='cuda'"):
-        sparsify_layerwise(model, _ids(), PermLLMConfig(), progress=False)
+        sparsify_layerwise(model, _ids(), PermLLMConfig().to_plan(), progress=False)
     assert _sparse_count(model) == 0
     with torch.no_grad():
         assert torch.equal(model(_ids(seed=1)).logits, before)
@@ -113,7 +113,7 @@ def test_offloading_a_block_that_holds_the_layers_is_refused():
     model = tiny_model("llama")
     add_hook_to_module(model.model, AlignDevicesHook(execution_device=CPU, offload=True, place_submodules=True))
     with pytest.raises(ValueError, match="'model' as one block.*own device_map entry"):
-        sparsify_layerwise(model, _ids(), PermLLMConfig(), progress=False)
+        sparsify_layerwise(model, _ids(), PermLLMConfig().to_plan(), progress=False)
 
 
 def test_offloaded_layer_with_a_tensor_no_hook_loads_is_refused_before_any_change():
@@ -121,7 +121,7 @@ def test_offloaded_layer_with_a_tensor_no_hook_loads_is_refused_before_any_chang
     model.model.layers[1].mlp.register_buffer("orphan", torch.empty(4, device="meta"))
     message = r"layers\.1 has meta tensors that no accelerate hook loads: \['mlp\.orphan'\]"
     with pytest.raises(ValueError, match=message):
-        sparsify_layerwise(model, _ids(), PermLLMConfig(), progress=False)
+        sparsify_layerwise(model, _ids(), PermLLMConfig().to_plan(), progress=False)
     assert _sparse_count(model) == 0
 
 
@@ -133,7 +133,7 @@ def test_dequantize_an_offloaded_pruned_model_keeps_it_offloaded_and_equal(famil
     offloaded = cpu_offload(copy.deepcopy(reference), execution_device=CPU)
     config = PermLLMConfig(metric="wanda", permutation="heuristic")
     for model in (reference, offloaded):
-        sparsify_layerwise(model, _ids(), config, progress=False)
+        sparsify_layerwise(model, _ids(), config.to_plan(), progress=False)
         PermLLMSparsifier.dequantize_model(model)
     assert _sparse_count(offloaded) == 0
     assert not any(isinstance(m, PermutedOutputNorm) for m in offloaded.modules())
@@ -157,5 +157,5 @@ def test_model_scope_needs_every_layer_on_the_pruning_device(where):
     else:
         device = "meta"
     with pytest.raises(ValueError, match=r"scope='model'.*whole model.*scope='layer' or 'block'"):
-        sparsify_layerwise(model, _ids(), config, progress=False, device=device)
+        sparsify_layerwise(model, _ids(), config.to_plan(), progress=False, device=device)
     assert _sparse_count(model) == 0
