@@ -58,6 +58,11 @@ class PermLLMConfig(QuantizationConfigMixin):
             attention output's heuristic permutation inside heads (shared by GQA query heads) so that it
             folds into v_proj and no layer gathers at run time, at some accuracy cost (BENCHMARKS.md);
             False keeps every permutation as a run-time gather.
+
+    Written by the library when it prunes (saved with the checkpoint): `converted_modules`, the sparse
+    linears; `permuted_norms`, each norm that writes its output permuted with the linears that read it
+    (a dense export gives the permutation back to them). A checkpoint that records no readers (written
+    before they were recorded) has them found with one probe forward at dense export.
     """
 
     def __init__(
@@ -80,7 +85,7 @@ class PermLLMConfig(QuantizationConfigMixin):
         fold_permutations: bool | str = True,
         format_version: int = FORMAT_VERSION,
         converted_modules: list[str] | None = None,
-        permuted_norms: list[str] | None = None,
+        permuted_norms: dict[str, list[str]] | list[str] | None = None,
         quant_method: str = "permllm",
         **kwargs,
     ):
@@ -111,7 +116,7 @@ class PermLLMConfig(QuantizationConfigMixin):
         self.fold_permutations = fold_permutations
         self.format_version = format_version
         self.converted_modules = list(converted_modules) if converted_modules is not None else None
-        self.permuted_norms = list(permuted_norms) if permuted_norms is not None else None
+        self.permuted_norms = _norm_record(permuted_norms)
         self.post_init()
 
     def post_init(self) -> None:
@@ -178,6 +183,16 @@ class PermLLMConfig(QuantizationConfigMixin):
         output["tokenizer"] = _name_or_none(self.tokenizer)
         output["dataset"] = self.dataset if isinstance(self.dataset, (str, type(None))) else "<in-memory>"
         return output
+
+
+def _norm_record(value) -> dict[str, list[str]] | None:
+    """{permuted norm: the linears that read it}; a list of norm names (written before the readers were
+    recorded) gives each norm no readers."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {name: list(readers) for name, readers in value.items()}
+    return {name: [] for name in value}
 
 
 def _name_or_none(tokenizer: Any) -> str | None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.quantizers.auto import AutoHfQuantizer
 
 from .config import PermLLMConfig
 from .nn.permuted_norm import PermutedOutputNorm
@@ -68,7 +69,7 @@ class PermLLMSparsifier:
             else:
                 converted = self._magnitude_prune(model)
         config.converted_modules = sorted(converted)
-        config.permuted_norms = sorted(n for n, m in model.named_modules() if isinstance(m, PermutedOutputNorm))
+        config.permuted_norms = _reader_names(model)
         if hasattr(model, "config"):
             model.config.quantization_config = config
         _mark_sparse(model, config)
@@ -110,7 +111,8 @@ class PermLLMSparsifier:
             width = norm.weight.shape[0] if getattr(norm, "weight", None) is not None else None
             if width is None:
                 raise ValueError(f"The checkpoint has a permuted norm {name!r}, but that module has no weight vector.")
-            set_submodule(model, name, PermutedOutputNorm(norm, torch.arange(width)))
+            readers = (self.config.permuted_norms or {}).get(name, ())
+            set_submodule(model, name, PermutedOutputNorm(norm, torch.arange(width), readers=readers))
         for name in module_names:
             try:
                 linear = model.get_submodule(name)
@@ -141,10 +143,24 @@ class PermLLMSparsifier:
         return model
 
 
+def _reader_names(model: nn.Module) -> dict[str, list[str]]:
+    """{permuted norm: the linears reading it}, as the norms recorded when their permutation was folded."""
+    return {name: list(m.readers) for name, m in model.named_modules() if isinstance(m, PermutedOutputNorm)}
+
+
 def _norm_readers(model: nn.Module) -> dict[int, list[nn.Module]]:
-    """The linears reading each PermutedOutputNorm (keyed by id), found with one probe forward."""
-    if not any(isinstance(m, PermutedOutputNorm) for m in model.modules()):
+    """The linears reading each PermutedOutputNorm (keyed by id), from what each norm recorded at folding.
+
+    Norms loaded from a checkpoint written before the record existed have none: for those models the
+    readers are found as before, by one probe forward with hooks."""
+    norms = [m for m in model.modules() if isinstance(m, PermutedOutputNorm)]
+    if not norms:
         return {}
+    recorded = _recorded_readers(model, norms)
+    if recorded is not None:
+        return recorded
+    logger.warning("This model's permuted norms do not record which layers read them (a checkpoint "
+                   "written by an older optimum-permllm): finding them with one forward pass.")
     from .pipeline.folding import norm_consumers
 
     device = execution_device([model]) or next(model.parameters()).device
@@ -153,6 +169,15 @@ def _norm_readers(model: nn.Module) -> dict[int, list[nn.Module]]:
         consumers = norm_consumers(model, lambda: model(input_ids=probe, use_cache=False))
     return {id(model.get_submodule(name)): [model.get_submodule(reader) for reader in names]
             for name, names in consumers.items() if name}
+
+
+def _recorded_readers(model: nn.Module, norms: list[PermutedOutputNorm]) -> dict[int, list[nn.Module]] | None:
+    """The recorded readers as modules, or None when a norm recorded none or a name is not a sparse linear here."""
+    modules = dict(model.named_modules())
+    readers = {id(norm): [modules.get(name) for name in norm.readers] for norm in norms}
+    if all(found and all(isinstance(m, PermutedSparseLinear) for m in found) for found in readers.values()):
+        return readers
+    return None
 
 
 def _offloaded_blocks(model: nn.Module) -> list[nn.Module]:
@@ -182,12 +207,11 @@ def _to_dense(root: nn.Module, readers: dict[int, list[nn.Module]]) -> None:
 
 def _mark_sparse(model: nn.Module, config: PermLLMConfig) -> None:
     """Set what transformers uses to recognise a quantized model (Trainer, dequantize, save_pretrained)."""
-    from .integrations.transformers import PermLLMHfQuantizer
-
     model.is_quantized = True
     model.quantization_method = "permllm"
     if hasattr(model, "config") and not hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = PermLLMHfQuantizer(config, pre_quantized=True)
+        # the quantizer registered for quant_method="permllm" (integrations/transformers.py, on import)
+        model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=True)
 
 
 def sparse_modules(model: nn.Module) -> dict[str, PermutedSparseLinear]:

@@ -53,10 +53,15 @@ class PermutedOutputNorm(nn.Module):
     parameters, buffers and submodules of an unknown norm under their original names) plus the buffer
     `output_perm` (int64 [hidden]). A checkpoint of the wrapped model therefore keeps
     `...input_layernorm.weight` where the dense model had it, and adds `...input_layernorm.output_perm`.
+
+    `readers` are the qualified names (in the model) of the linears that read the output, recorded when
+    the permutation is folded so that a dense export can give it back to them; a checkpoint keeps them in
+    its quantization config (`permuted_norms`).
     """
 
-    def __init__(self, norm: nn.Module, output_perm: torch.Tensor):
+    def __init__(self, norm: nn.Module, output_perm: torch.Tensor, readers: tuple[str, ...] = ()):
         super().__init__()
+        self.readers = tuple(readers)
         self.kind = norm_kind(norm)
         self.eps = _eps(norm)
         object.__setattr__(self, "_norm", norm)  # hidden: its tensors are registered on self below

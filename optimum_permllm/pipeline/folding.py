@@ -88,11 +88,13 @@ def _reads_other_input(producer: nn.Module, consumer: PermutedSparseLinear) -> b
 
 @torch.no_grad()
 def fold_layer_permutations(layer: nn.Module, index: int, cache: CalibrationCache,
-                            heads: tuple[int, int, int] | None = None, groups: list[list[str]] = ()) -> list[str]:
+                            heads: tuple[int, int, int] | None = None, groups: list[list[str]] = (),
+                            prefix: str = "") -> list[str]:
     """Fold every verifiable input permutation of `layer` into its producers; returns the folded consumers.
 
     `heads` (num_heads, num_kv_heads, head_dim) and the layer's input-sharing `groups` enable the fold of
-    head-shaped attention-output permutations into the value projection.
+    head-shaped attention-output permutations into the value projection. `prefix` is the layer's name in
+    the model plus a dot: a permuted norm records its readers as `prefix + name`.
     """
     if not cache.hidden:
         return []
@@ -104,7 +106,7 @@ def fold_layer_permutations(layer: nn.Module, index: int, cache: CalibrationCach
         return _same_output(call.run(layer, sample), reference)
 
     folded = _fold_into_linears(layer, check)
-    folded += _fold_into_norms(layer, call, sample, check)
+    folded += _fold_into_norms(layer, call, sample, check, prefix)
     folded += _fold_into_values(layer, head_fold_candidates(layer, heads, list(groups)), heads, check)
     if folded:
         logger.info("layer %d: folded the input permutation of %s into its producers", index, ", ".join(folded))
@@ -163,7 +165,7 @@ def _move_rows(layer: nn.Module, producers: list[str], rows: torch.Tensor, consu
     _set_input_perms(consumers, consumer_perm)
 
 
-def _fold_into_norms(layer: nn.Module, call, sample: torch.Tensor, check) -> list[str]:
+def _fold_into_norms(layer: nn.Module, call, sample: torch.Tensor, check, prefix: str = "") -> list[str]:
     """Wrap each norm that feeds a permuted group in a PermutedOutputNorm, keeping only exact folds."""
     folded = []
     for norm_name, consumers in norm_consumers(layer, lambda: call.run(layer, sample)).items():
@@ -175,7 +177,8 @@ def _fold_into_norms(layer: nn.Module, call, sample: torch.Tensor, check) -> lis
             continue
         norm = layer.get_submodule(norm_name)
         identity = identity_permutation(perm.numel(), perm.device)
-        apply = partial(_swap_norm, layer, norm_name, PermutedOutputNorm(norm, perm), modules, identity)
+        wrapped = PermutedOutputNorm(norm, perm, readers=tuple(prefix + c for c in consumers))
+        apply = partial(_swap_norm, layer, norm_name, wrapped, modules, identity)
         undo = partial(_swap_norm, layer, norm_name, norm, modules, perm)
         if _kept_if_exact(apply, undo, check):
             folded += consumers

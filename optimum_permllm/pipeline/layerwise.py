@@ -90,7 +90,7 @@ def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, plan:
     if plan.fold_permutations:
         from .folding import fold_layer_permutations
 
-        fold_layer_permutations(layer, index, cache, heads, groups)
+        fold_layer_permutations(layer, index, cache, heads, groups, prefix=f"{qualified}.")
     info = {"groups": {"+".join(group): group_plan.info for group, group_plan in decided.items()}}
     return [f"{qualified}.{name}" for name in linears], info
 

@@ -56,3 +56,29 @@ def test_too_little_calibration_text_is_a_clear_error(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(path)
     with pytest.raises(ValueError, match="tokens"):
         PermLLMSparsifier(PermLLMConfig(dataset=["too short"], seq_len=64, num_samples=2)).sparsify_model(model, tokenizer)
+
+
+def test_checkpoint_records_the_readers_of_permuted_norms_so_dequantize_needs_no_probe(tmp_path, monkeypatch):
+    import json
+
+    from optimum_permllm.pipeline import folding
+
+    path, tokenizer = _dense_checkpoint(tmp_path)
+    config = PermLLMConfig(metric="wanda", permutation="heuristic", dataset=TEXT, num_samples=4, seq_len=32)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
+    ids = tokenizer(SENTENCES[2], return_tensors="pt").input_ids
+    with torch.no_grad():  # the reference: which linears the probe forward finds reading each norm
+        probed = folding.norm_consumers(model, lambda: model(input_ids=ids, use_cache=False))
+        reference = model(ids).logits
+    model.save_pretrained(tmp_path / "sparse")
+    recorded = json.loads((tmp_path / "sparse" / "config.json").read_text())["quantization_config"]["permuted_norms"]
+    assert recorded and recorded == {name: readers for name, readers in probed.items() if name in recorded}
+    assert set(recorded) == {n for n, m in model.named_modules() if isinstance(m, PermutedOutputNorm)}
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("dequantize ran a probe forward although the readers are recorded")
+
+    monkeypatch.setattr(folding, "norm_consumers", no_probe)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse").dequantize()
+    assert not any(isinstance(m, (PermutedOutputNorm, PermutedSparseLinear)) for m in dense.modules())
+    torch.testing.assert_close(dense(ids).logits, reference, rtol=1e-4, atol=1e-5)
