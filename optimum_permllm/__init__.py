@@ -16,10 +16,9 @@ from .saving import save_pretrained  # standard library only: no torch import
 
 __version__ = "0.1.0"
 
+# What users call; the HfQuantizer is driven by transformers (optimum_permllm.integrations.transformers).
 __all__ = [
-    "FORMAT_VERSION",
     "PermLLMConfig",
-    "PermLLMHfQuantizer",
     "PermLLMSparsifier",
     "PermutedSparseLinear",
     "save_pretrained",
@@ -31,15 +30,14 @@ _COMMAND_SCRIPTS = ("permllm", "optimum-cli")
 
 def load() -> None:
     """Import the public API and register permllm with transformers and PEFT (idempotent)."""
-    from .config import FORMAT_VERSION, PermLLMConfig
+    from .config import PermLLMConfig
     from .integrations.peft import register as register_peft
-    from .integrations.transformers import PermLLMHfQuantizer, register as register_transformers
+    from .integrations.transformers import register as register_transformers
     from .nn import PermutedSparseLinear
     from .sparsifier import PermLLMSparsifier, sparsity_report
 
-    globals().update(FORMAT_VERSION=FORMAT_VERSION, PermLLMConfig=PermLLMConfig, PermLLMHfQuantizer=PermLLMHfQuantizer,
-                     PermLLMSparsifier=PermLLMSparsifier, PermutedSparseLinear=PermutedSparseLinear,
-                     sparsity_report=sparsity_report)
+    globals().update(PermLLMConfig=PermLLMConfig, PermLLMSparsifier=PermLLMSparsifier,
+                     PermutedSparseLinear=PermutedSparseLinear, sparsity_report=sparsity_report)
     # The one deliberate side effect: transformers learns quant_method="permllm" and PEFT learns to put
     # LoRA on PermutedSparseLinear (PEFT has no registry for that, so its factory is wrapped).
     register_transformers()

@@ -1,6 +1,6 @@
 """Hub checkpoints: a model card filled from the model's PermLLMConfig, and a one-commit upload.
 
-`create_model_card` renders `templates/model_card.md` (the same file as `model_cards/permllm_model_card.md`)
+`create_model_card` renders `model_cards/permllm_model_card.md` (shipped in the package)
 into a `huggingface_hub.ModelCard` with `base_model`, `tags`, `license` and `library_name` metadata.
 `push_to_hub` checks the repo id and the token, writes checkpoint + tokenizer + README.md into a temporary
 folder and uploads it with `HfApi.create_commit`: one commit, so nothing is ever half-uploaded
@@ -33,7 +33,7 @@ _DEFAULT_CALIBRATION = "the offline Wikipedia text shipped with optimum-permllm 
 
 def template_path() -> Path:
     """The model card template shipped inside the package."""
-    return Path(str(resources.files("optimum_permllm") / "templates" / "model_card.md"))
+    return Path(str(resources.files("optimum_permllm") / "model_cards" / "permllm_model_card.md"))
 
 
 def create_model_card(model, base_model: str | None = None, results: dict | None = None, *,

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from optimum_permllm import FORMAT_VERSION, PermLLMConfig
+from optimum_permllm import PermLLMConfig
+from optimum_permllm.config import FORMAT_VERSION
 
 
 def test_round_trip_through_dict_and_json(tmp_path):

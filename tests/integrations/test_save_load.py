@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from optimum_permllm import FORMAT_VERSION, PermLLMConfig, PermLLMSparsifier, PermutedSparseLinear
+from optimum_permllm import PermLLMConfig, PermLLMSparsifier, PermutedSparseLinear
+from optimum_permllm.config import FORMAT_VERSION
 from optimum_permllm.pipeline.structure import prunable_linears, set_submodule
 from optimum_permllm.sparse import check_nm
 
