@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-# Below this many blocks, starting threads costs more than it saves (measured on 64 x 64 blocks).
+# Fewest blocks that are solved in a thread pool; below it, starting the threads costs more than the
+# assignments. A cost threshold only: the result does not depend on it.
 _POOL_MIN_BLOCKS = 16
 
 

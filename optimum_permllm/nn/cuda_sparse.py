@@ -21,9 +21,9 @@ from torch.sparse import (
     SparseSemiStructuredTensorCUTLASS,
 )
 
-# Placeholder until measured: below this many tokens the dense masked matmul is used. PyTorch reports no
-# gain (or slowdowns) for 1-32 tokens; run `python benchmarks/bench_linear.py` on the target GPU, which
-# sweeps 1..4096 tokens and prints the measured threshold to put here. Not measurable without a GPU.
+# Token count below which the dense masked matmul is used instead of the 2:4 kernel (PyTorch reports no
+# gain for 1-32 tokens). Not measured here yet: `benchmarks/bench_linear.py` prints the threshold of a GPU
+# (BENCHMARKS.md, "GPU: linear speed, end-to-end speed, learned-permutation time").
 DEFAULT_MIN_TOKENS = 64
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)

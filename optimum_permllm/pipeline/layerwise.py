@@ -97,7 +97,7 @@ def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, plan:
 
 def _head_shaped_groups(layer: nn.Module, heads, groups, plan: PruningPlan) -> set[str]:
     """With fold_permutations="all": attention-output groups whose heuristic permutation is chosen inside
-    heads, so that it folds into v_proj (a free permutation keeps more score: measured in BENCHMARKS.md)."""
+    heads, so that it folds into v_proj (a free permutation is more accurate: BENCHMARKS.md, "Seed-to-seed spread")."""
     if heads is None or plan.fold_permutations != "all" or plan.permutation != "heuristic" or heads[2] % plan.pattern.m:
         return set()
     from .folding import head_fold_candidates

@@ -19,7 +19,10 @@ from ..sparse.nm import nm_mask
 from ..sparse.permutation import identity_permutation
 from .plan import PruningPlan
 
-LSA_BLOCK = 256  # groups per assignment problem in the heuristic permutation of wide layers
+# Groups per assignment problem in the heuristic permutation of layers wider than 4 blocks: the full
+# assignment's cost grows fast past ~1k groups, blocks keep almost all of its gain (BENCHMARKS.md,
+# "Heuristic permutation cost").
+LSA_BLOCK = 256
 
 
 @dataclass
@@ -50,7 +53,7 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, plan: P
     info = {"identity_score": retained_score(scores, identity_permutation(width), n, m)}
     perm = identity_permutation(width, scores.device)
     if plan.permutation in ("heuristic", "learned"):
-        groups = width // m  # wide layers: assignments over blocks of groups (scipy is slow past ~1k groups)
+        groups = width // m
         if heads is not None:
             perm = head_shared_permutation(scores, *heads, n, m)
         else:
