@@ -1,4 +1,4 @@
-"""Pruning metrics against hand-computed values (SPEC.md section 2)."""
+"""Pruning metrics against hand-computed values of their definitions (the docstrings of algorithms/scores.py)."""
 
 import pytest
 import torch
