@@ -9,6 +9,7 @@ PACKAGE = Path(__file__).parents[1] / "optimum_permllm"
 
 # Lowest first: a subpackage or top-level module imports only from lower layers (and from itself).
 LAYERS = [
+    {"options", "saving"},
     {"sparse", "kernels"},
     {"algorithms", "nn", "data"},
     {"pipeline", "evaluation"},
