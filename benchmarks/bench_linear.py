@@ -1,8 +1,8 @@
 """Per-linear timing of the 2:4 fast path at LLaMA-2-7B shapes, and the token count where it starts to win.
 
 Compares, for each shape, token count and dtype: a dense nn.Linear; the 2:4 semi-structured kernel with
-the input already permuted (permutation folded away); with the permutation applied by index_select (what
-PermutedSparseLinear does); and an RMSNorm followed by the layer, unfused (Hugging Face eager norm, dense layer)
+the input already permuted (permutation folded away); with the permutation applied by index_select; the
+PermutedSparseLinear module itself (index_select, then its 2:4 or dense path by token count); and an RMSNorm followed by the layer, unfused (Hugging Face eager norm, dense layer)
 versus the fused permuted norm feeding the 2:4 layer. Also sweeps 1..4096 tokens for the threshold to
 put in `optimum_permllm.nn.cuda_sparse.DEFAULT_MIN_TOKENS`, and reports weight memory.
 
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from optimum_permllm.kernels import permuted_norm
 from optimum_permllm.kernels.permuted_norm import norm_reference
+from optimum_permllm.nn import PermutedSparseLinear
 from optimum_permllm.nn.cuda_sparse import DEFAULT_MIN_TOKENS, compress_weight, semi_structured_support
 from optimum_permllm.sparse.nm import nm_mask, pack_nm, packed_nbytes
 
@@ -84,14 +85,18 @@ def time_ms(fn, device: torch.device, warmup: int, repeats: int, inner: int) -> 
 
 
 def build_layer(in_features: int, out_features: int, dtype, device, seed: int = 0) -> dict:
-    """A random 2:4 layer: dense and masked-permuted weights, its permutation, norm weight, compressed form."""
+    """A random 2:4 layer: dense and masked-permuted weights, its permutation, norm weight, compressed form,
+    and the same layer as a PermutedSparseLinear."""
     g = torch.Generator(device=device).manual_seed(seed)
     dense = torch.randn(out_features, in_features, generator=g, device=device, dtype=dtype) / in_features ** 0.5
     perm = torch.randperm(in_features, generator=g, device=device)
     permuted = dense[:, perm]
     masked = permuted.masked_fill(~nm_mask(permuted.abs(), 2, 4), 0).contiguous()
     reason = semi_structured_support(masked.shape, dtype, device, 2, 4)
+    module = PermutedSparseLinear(in_features, out_features, 2, 4, bias=False, device=device, dtype=dtype)
+    module.load_packed(masked, perm)
     return {
+        "module": module,
         "dense": dense, "masked": masked, "perm": perm, "reason": reason,
         "compressed": compress_weight(masked) if reason is None else None,
         "norm_weight": torch.rand(in_features, generator=g, device=device, dtype=dtype) + 0.5,
@@ -107,6 +112,7 @@ def variants(layer: dict, x: torch.Tensor) -> dict:
         "dense": lambda: F.linear(x, dense),
         "2:4": lambda: F.linear(folded, sparse),
         "2:4+index_select": lambda: F.linear(x.index_select(-1, perm), sparse),
+        "PermutedSparseLinear": lambda: layer["module"](x),
         "norm+dense": lambda: F.linear(norm_reference(x, g, None, EPS, "rms"), dense),
         "fused_norm+2:4": lambda: F.linear(permuted_norm(x, g, None, perm, EPS, "rms"), sparse),
     }
