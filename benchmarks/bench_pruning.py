@@ -10,12 +10,14 @@ A method is METRIC[+cp|+learned[-ot][-block|-model]] ("dense" for the unpruned m
 "sparsegpt+learned" or "wanda+learned-ot-block".
 Protocol (fixed, documented in BENCHMARKS.md): fp32 on the CPU; calibration = the offline Wikipedia
 calibration part, `--num-samples` windows of `--seq-len` tokens, seed 0; perplexity = the first
-`--eval-windows` non-overlapping 512-token windows of the held-out Wikipedia part.
+`--eval-windows` non-overlapping 512-token windows of the held-out Wikipedia part, and on the same
+tokens the KL divergence from the dense model's next-token distribution (nats/token).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import subprocess
@@ -43,7 +45,7 @@ def run_one(args) -> dict:
 
     from optimum_permllm import PermLLMConfig, PermLLMSparsifier
     from optimum_permllm.data.assets import smollm2_model_dir
-    from optimum_permllm.evaluation.perplexity import perplexity
+    from optimum_permllm.evaluation.perplexity import kl_divergence, perplexity
 
     torch.manual_seed(0)
     source = args.model or str(smollm2_model_dir())
@@ -53,6 +55,7 @@ def run_one(args) -> dict:
            "seed": args.seed, "num_samples": args.num_samples, "device": args.device}
     if args.keep_dense:
         row["keep_dense"] = args.keep_dense
+    dense = copy.deepcopy(model) if args.one != "dense" else model
     start = time.perf_counter()
     if args.one != "dense":
         config = PermLLMConfig(sparsity=args.sparsity, num_samples=args.num_samples, seq_len=args.seq_len,
@@ -61,6 +64,7 @@ def run_one(args) -> dict:
         PermLLMSparsifier(config).sparsify_model(model, tokenizer, progress=False)
     row["prune_seconds"] = round(time.perf_counter() - start, 1)
     row["perplexity"] = round(perplexity(model, tokenizer, seq_len=512, max_windows=args.eval_windows), 3)
+    row["kl_to_dense"] = round(kl_divergence(model, dense, tokenizer, seq_len=512, max_windows=args.eval_windows), 4)
     if args.zero_shot_limit:
         from optimum_permllm.evaluation.zeroshot import zero_shot
 

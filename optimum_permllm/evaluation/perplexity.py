@@ -88,20 +88,63 @@ def perplexity(
             "Need seq_len >= 2, 1 <= stride <= seq_len and batch_size >= 1; "
             f"got seq_len={seq_len}, stride={stride}, batch_size={batch_size}."
         )
-    ids = token_ids(tokenizer, get_evaluation_text() if text is None else text, add_bos)
-    starts = _window_starts(ids.numel(), seq_len, stride, max_windows)
-    windows = ids[starts[:, None] + torch.arange(seq_len)]
-    scored = _scored_mask(len(starts), seq_len, stride)
+    windows, scored = _windows(tokenizer, text, seq_len, stride, max_windows, add_bos)
     device = torch.device(device) if device is not None else _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64)
+    with _eval_mode(model):
         batches = tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch" if batch_size > 1 else
                        "window", disable=not progress, leave=False)
         for begin in batches:
             nll = window_nll(model, windows[begin : begin + batch_size].to(device))
             total += nll.cpu().double()[scored[begin : begin + batch_size]].sum()
-    finally:
-        model.train(was_training)
     return math.exp(total.item() / scored.sum().item())
+
+
+@torch.no_grad()
+def kl_divergence(
+    model: torch.nn.Module,
+    reference: torch.nn.Module,
+    tokenizer,
+    text: str | None = None,
+    seq_len: int = 512,
+    max_windows: int | None = None,
+    add_bos: bool = False,
+) -> float:
+    """Mean KL(reference || model) of the next-token distributions over the tokens `perplexity` scores
+    (non-overlapping windows): how far a compressed model moved from its dense original, in nats/token."""
+    windows, scored = _windows(tokenizer, text, seq_len, seq_len, max_windows, add_bos)
+    total = torch.zeros((), dtype=torch.float64)
+    with _eval_mode(model), _eval_mode(reference):
+        for window, keep in zip(windows, scored):
+            logp = _next_token_log_probs(model, window)
+            logq = _next_token_log_probs(reference, window)
+            kl = (logq.exp() * (logq - logp)).sum(-1)
+            total += kl[keep].double().sum()
+    return total.item() / scored.sum().item()
+
+
+def _next_token_log_probs(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:
+    """Float32 log-probabilities of the next token at every position but the last: [seq_len - 1, vocab]."""
+    logits = model(input_ids=window[None].to(_model_device(model)), use_cache=False).logits[0, :-1]
+    return F.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def _windows(tokenizer, text, seq_len, stride, max_windows, add_bos) -> tuple[torch.Tensor, torch.Tensor]:
+    """The protocol's token windows [windows, seq_len] and which of their predictions are scored."""
+    ids = token_ids(tokenizer, get_evaluation_text() if text is None else text, add_bos)
+    starts = _window_starts(ids.numel(), seq_len, stride, max_windows)
+    return ids[starts[:, None] + torch.arange(seq_len)], _scored_mask(len(starts), seq_len, stride)
+
+
+class _eval_mode:
+    """Put a model in eval mode and give it back in the mode it had."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from optimum_permllm.evaluation import perplexity
+from optimum_permllm.evaluation import kl_divergence, perplexity
 from tests.data.tiny_text import SENTENCES, tiny_llama
 
 TEXT = " ".join(SENTENCES * 3)
@@ -70,6 +70,28 @@ def test_uniform_model_has_vocabulary_perplexity(tokenizer):
     model = tiny_llama(len(tokenizer))
     torch.nn.init.zeros_(model.lm_head.weight)  # every logit equal: perplexity = vocabulary size
     assert perplexity(model, tokenizer, TEXT, seq_len=16) == pytest.approx(model.config.vocab_size, rel=1e-5)
+
+
+def brute_force_kl(model, reference, ids, seq_len):
+    """Mean KL(reference || model) over the predictions of non-overlapping windows, in float64."""
+    total, count = 0.0, 0
+    for begin in range(0, len(ids) - seq_len + 1, seq_len):
+        window = ids[begin : begin + seq_len][None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(window).logits[0, :-1].double(), dim=-1)
+            logq = torch.log_softmax(reference(window).logits[0, :-1].double(), dim=-1)
+        total += (logq.exp() * (logq - logp)).sum().item()
+        count += seq_len - 1
+    return total / count
+
+
+def test_kl_divergence_matches_brute_force_and_is_zero_against_itself(model, tokenizer):
+    ids = torch.tensor(tokenizer(TEXT, add_special_tokens=False)["input_ids"])
+    other = tiny_llama(len(tokenizer), seed=1)
+    expected = brute_force_kl(other, model, ids, seq_len=32)
+    assert expected > 1e-4
+    assert kl_divergence(other, model, tokenizer, TEXT, seq_len=32) == pytest.approx(expected, rel=1e-4)
+    assert kl_divergence(model, model, tokenizer, TEXT, seq_len=32) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_bad_arguments(model, tokenizer):
