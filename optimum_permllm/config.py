@@ -37,8 +37,9 @@ class PermLLMConfig(QuantizationConfigMixin):
 
     Args:
         sparsity: the N:M pattern, "2:4" (what GPU sparse tensor cores run), "4:8", "1:4", ...
-        metric: which weights to keep: "magnitude" (no data), "wanda", "ria", or "sparsegpt" (also
-            updates the kept weights).
+        metric: which weights to keep: "magnitude" (no data), "wanda", "ria", "gram" (the N:M mask with
+            the smallest exact output error on the calibration inputs, weights unchanged), or "sparsegpt"
+            (also updates the kept weights).
         permutation: "none", "heuristic" (RIA-style channel permutation) or "learned" (PermLLM).
         learner: for permutation="learned": "sinkhorn" (PermLLM) or "ot" (optimal-transport variant).
         scope: for permutation="learned": the objective, "layer" (output error of each linear group, from

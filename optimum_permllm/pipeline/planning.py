@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..algorithms.gram_mask import gram_mask
 from ..algorithms.heuristic_permutation import head_shared_permutation, heuristic_permutation, retained_score
 from ..algorithms.scores import score_fn
 from ..algorithms.sparsegpt import sparsegpt_prune
@@ -84,16 +85,20 @@ def learn_group_permutation(weights, stats, init_perm: torch.Tensor, plan: Pruni
 
 
 def _prune_members(weights, dense, scores, stats, perm, plan: PruningPlan):
-    """Prune each member in permuted order, by its scores or by SparseGPT with a weight update."""
+    """Prune each member in permuted order: by its scores, by SparseGPT with a weight update, or by the
+    scores' mask improved on the exact output error (metric "gram")."""
     n, m = plan.pattern.n, plan.pattern.m
     pruned, masks, row = {}, {}, 0
     hessian = stats.hessian() if plan.metric == "sparsegpt" else None
+    gram = stats.gram()[perm][:, perm] if plan.metric == "gram" else None
     for name, w in dense.items():
         rows = w.shape[0]
         if hessian is not None:
             new, mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=plan.damp)
         else:
             mask = nm_mask(scores[row:row + rows][:, perm], n, m)
+            if gram is not None:
+                mask = gram_mask(w[:, perm], gram, mask, n, m)
             new = w[:, perm].masked_fill(~mask, 0)
         pruned[name], masks[name] = new.to(weights[name].dtype), mask
         row += rows

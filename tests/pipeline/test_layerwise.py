@@ -86,6 +86,22 @@ def test_sparsegpt_plan_reconstructs_the_layer_better_than_wanda():
     assert errors["sparsegpt"] < errors["wanda"]
 
 
+@pytest.mark.parametrize("permutation", ["none", "heuristic"])
+def test_gram_plan_has_the_wanda_plans_permutation_and_a_lower_exact_error(permutation):
+    weights, stats, x = _random_group(seed=5)
+    plans = {metric: plan_group(weights, stats, PermLLMConfig(metric=metric, permutation=permutation))
+             for metric in ("wanda", "gram")}
+    assert torch.equal(plans["gram"].perm, plans["wanda"].perm)
+    errors = {}
+    for metric, plan in plans.items():
+        xp = x[:, plan.perm]
+        for name, w in weights.items():
+            assert check_nm(plan.weights[name], 2, 4)
+            assert torch.equal(plan.weights[name], w[:, plan.perm].masked_fill(~plan.masks[name], 0))  # no update
+        errors[metric] = sum(float((xp @ plan.weights[k].T - x @ w.T).square().sum()) for k, w in weights.items())
+    assert errors["gram"] < 0.95 * errors["wanda"]
+
+
 def test_block_size_falls_back_to_a_divisor_that_is_a_multiple_of_m():
     assert block_size_for(576, 64, 4) == 64
     assert block_size_for(96, 64, 4) == 48
@@ -94,7 +110,7 @@ def test_block_size_falls_back_to_a_divisor_that_is_a_multiple_of_m():
 
 
 @pytest.mark.parametrize("metric,permutation", [("wanda", "heuristic"), ("ria", "none"), ("sparsegpt", "heuristic"),
-                                                ("magnitude", "heuristic")])
+                                                ("magnitude", "heuristic"), ("gram", "heuristic")])
 def test_every_linear_is_pruned_and_keeps_its_pattern(family, metric, permutation):
     model = tiny_model(family)
     layers = find_decoder_layers(model)[1]

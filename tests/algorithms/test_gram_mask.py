@@ -1,0 +1,76 @@
+"""The Gram-chosen N:M mask: exact on one group, never worse than its start, Wanda's mask as mu grows."""
+
+import itertools
+
+import pytest
+import torch
+
+from optimum_permllm.algorithms.gram_mask import gram_mask, keep_options, output_error
+from optimum_permllm.sparse import nm_mask
+
+
+def correlated_gram(width: int, seed: int = 0) -> torch.Tensor:
+    """The Gram matrix of 256 strongly correlated inputs (pruned weights can cancel or add up)."""
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(width, width, generator=gen) / 2 + torch.eye(width)
+    x = torch.randn(256, width, generator=gen) @ mixing
+    return x.T @ x / 256
+
+
+def brute_force_best(w: torch.Tensor, g: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """[rows] the smallest error over every N:M mask of each row (all groups jointly)."""
+    groups = w.shape[1] // m
+    per_group = keep_options(n, m)
+    best = torch.full((w.shape[0],), float("inf"))
+    for choice in itertools.product(range(len(per_group)), repeat=groups):
+        keep = torch.cat([per_group[k] for k in choice]).expand_as(w)
+        best = torch.minimum(best, output_error(w, g, keep))
+    return best
+
+
+def test_keep_options_hand_computed():
+    assert keep_options(1, 2).tolist() == [[True, False], [False, True]]
+    options = keep_options(2, 4)
+    assert options.shape == (6, 4) and (options.sum(-1) == 2).all() and len({tuple(r) for r in options.tolist()}) == 6
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_one_group_is_the_exact_optimum(n, m):
+    gen = torch.Generator().manual_seed(1)
+    w, g = torch.randn(50, m, generator=gen), correlated_gram(m)
+    start = nm_mask(w.abs() * torch.diagonal(g).sqrt(), n, m)
+    keep = gram_mask(w, g, start, n, m)
+    torch.testing.assert_close(output_error(w, g, keep), brute_force_best(w, g, n, m))
+
+
+def test_never_worse_than_the_start_and_exactly_nm():
+    gen = torch.Generator().manual_seed(2)
+    w, g = torch.randn(40, 32, generator=gen), correlated_gram(32)
+    start = nm_mask(w.abs() * torch.diagonal(g).sqrt(), 2, 4)
+    keep = gram_mask(w, g, start, 2, 4)
+    assert (keep.view(40, 8, 4).sum(-1) == 2).all()
+    before, after = output_error(w, g, start), output_error(w, g, keep)
+    assert (after <= before + 1e-5).all()
+    assert after.sum() < 0.9 * before.sum()  # correlated inputs: the exact error has room below Wanda's
+
+
+def test_close_to_the_joint_optimum_on_two_groups():
+    gen = torch.Generator().manual_seed(3)
+    w, g = torch.randn(30, 8, generator=gen), correlated_gram(8, seed=3)
+    start = nm_mask(w.abs() * torch.diagonal(g).sqrt(), 2, 4)
+    got = output_error(w, g, gram_mask(w, g, start, 2, 4)).sum()
+    best = brute_force_best(w, g, 2, 4).sum()
+    assert best <= got <= 1.05 * best
+
+
+def test_a_large_mu_gives_back_the_wanda_mask():
+    gen = torch.Generator().manual_seed(4)
+    w, g = torch.randn(20, 16, generator=gen), correlated_gram(16, seed=4)
+    wanda = nm_mask(w.abs() * torch.diagonal(g).sqrt(), 2, 4)
+    random_start = nm_mask(torch.rand(20, 16, generator=gen), 2, 4)
+    assert torch.equal(gram_mask(w, g, random_start, 2, 4, mu=1e6), wanda)
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        gram_mask(torch.randn(2, 6), torch.eye(6), torch.ones(2, 6, dtype=torch.bool), 2, 4)
