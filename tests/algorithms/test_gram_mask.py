@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from optimum_permllm.algorithms.gram_mask import gram_mask, keep_options, output_error
+from optimum_permllm.algorithms.gram_mask import gram_mask, keep_options, output_error, robust_gram
 from optimum_permllm.sparse import nm_mask
 
 
@@ -34,20 +34,21 @@ def test_keep_options_hand_computed():
     assert options.shape == (6, 4) and (options.sum(-1) == 2).all() and len({tuple(r) for r in options.tolist()}) == 6
 
 
-@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
-def test_one_group_is_the_exact_optimum(n, m):
+@pytest.mark.parametrize("n,m,mu", [(2, 4, 0.0), (1, 4, 0.0), (4, 8, 0.0), (2, 4, 0.3)])
+def test_one_group_is_the_exact_optimum(n, m, mu):
     gen = torch.Generator().manual_seed(1)
     w, g = torch.randn(50, m, generator=gen), correlated_gram(m)
     start = nm_mask(w.abs() * torch.diagonal(g).sqrt(), n, m)
-    keep = gram_mask(w, g, start, n, m)
-    torch.testing.assert_close(output_error(w, g, keep), brute_force_best(w, g, n, m))
+    keep = gram_mask(w, g, start, n, m, mu=mu)
+    robust = robust_gram(g, mu)
+    torch.testing.assert_close(output_error(w, robust, keep), brute_force_best(w, robust, n, m))
 
 
 def test_never_worse_than_the_start_and_exactly_nm():
     gen = torch.Generator().manual_seed(2)
     w, g = torch.randn(40, 32, generator=gen), correlated_gram(32)
     start = nm_mask(w.abs() * torch.diagonal(g).sqrt(), 2, 4)
-    keep = gram_mask(w, g, start, 2, 4)
+    keep = gram_mask(w, g, start, 2, 4, mu=0.0)
     assert (keep.view(40, 8, 4).sum(-1) == 2).all()
     before, after = output_error(w, g, start), output_error(w, g, keep)
     assert (after <= before + 1e-5).all()
@@ -58,7 +59,7 @@ def test_close_to_the_joint_optimum_on_two_groups():
     gen = torch.Generator().manual_seed(3)
     w, g = torch.randn(30, 8, generator=gen), correlated_gram(8, seed=3)
     start = nm_mask(w.abs() * torch.diagonal(g).sqrt(), 2, 4)
-    got = output_error(w, g, gram_mask(w, g, start, 2, 4)).sum()
+    got = output_error(w, g, gram_mask(w, g, start, 2, 4, mu=0.0)).sum()
     best = brute_force_best(w, g, 2, 4).sum()
     assert best <= got <= 1.05 * best
 
@@ -69,6 +70,11 @@ def test_a_large_mu_gives_back_the_wanda_mask():
     wanda = nm_mask(w.abs() * torch.diagonal(g).sqrt(), 2, 4)
     random_start = nm_mask(torch.rand(20, 16, generator=gen), 2, 4)
     assert torch.equal(gram_mask(w, g, random_start, 2, 4, mu=1e6), wanda)
+
+
+def test_robust_gram_adds_mu_times_the_diagonal_to_the_symmetric_part():
+    g = torch.tensor([[2.0, 1.0], [3.0, 4.0]])
+    assert robust_gram(g, 0.5).tolist() == [[3.0, 2.0], [2.0, 6.0]]
 
 
 def test_bad_shapes_are_refused():
