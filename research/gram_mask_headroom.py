@@ -145,11 +145,11 @@ def main():
             g, gh, norms = stats.gram(), stats_ho.gram(), stats.feature_norms()
             weights = dict(zip(names, ws))
             ident = torch.arange(ws[0].shape[1])
-            heur = plan_group(weights, stats, PermLLMConfig(metric="wanda", permutation="heuristic")).perm
+            heur = plan_group(weights, stats, PermLLMConfig(metric="wanda", permutation="heuristic").to_plan()).perm
             perms = {"identity": ident, "heuristic": heur}
             if args.learned:
                 perms["learned"] = plan_group(weights, stats, PermLLMConfig(metric="wanda", permutation="learned",
-                                                                          seed=args.seed)).perm
+                                                                          seed=args.seed).to_plan()).perm
             row = {"layer": layer, "group": "+".join(x.split(".")[-1] for x in names)}
             for pname, perm in perms.items():
                 row[f"wanda/{pname}"] = errors(ws, perm, wanda_keeps(ws, norms, perm, n, m), g, gh)

@@ -77,7 +77,7 @@ def main():
     cal = layer_groups(model, get_calibration_data(None, tok, args.num_samples, 512, seed=0), {args.layer})
     names, ws, stats = next(x for x in cal[args.layer] if x[0][0].endswith(args.group))
     g, norms = stats.gram(), stats.feature_norms()
-    heur = plan_group(dict(zip(names, ws)), stats, PermLLMConfig(metric="wanda", permutation="heuristic")).perm
+    heur = plan_group(dict(zip(names, ws)), stats, PermLLMConfig(metric="wanda", permutation="heuristic").to_plan()).perm
     keeps = gram_keeps(ws, g, norms, heur, 2, 4, args.mu)
     t = time.perf_counter()
     best, total = best_swap_gains(ws, g, heur, keeps, 2, 4, args.mu)

@@ -89,7 +89,7 @@ def test_sparsegpt_plan_reconstructs_the_layer_better_than_wanda():
 @pytest.mark.parametrize("permutation", ["none", "heuristic"])
 def test_gram_plan_has_the_wanda_plans_permutation_and_a_lower_exact_error(permutation):
     weights, stats, x = _random_group(seed=5)
-    plans = {metric: plan_group(weights, stats, PermLLMConfig(metric=metric, permutation=permutation))
+    plans = {metric: plan_group(weights, stats, PermLLMConfig(metric=metric, permutation=permutation).to_plan())
              for metric in ("wanda", "gram")}
     assert torch.equal(plans["gram"].perm, plans["wanda"].perm)
     errors = {}
