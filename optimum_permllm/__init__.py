@@ -9,8 +9,16 @@ too; for them the torch / transformers imports and the registration wait until t
 its arguments (`load()`), so that `--help` answers at once. Any public name loads them on first use.
 """
 
+import importlib
 import sys
 from pathlib import Path
+
+try:
+    from _optimum_permllm_autoload import when_imported  # standard library only
+except ImportError:  # an editable install made before this module existed: `pip install -e .` again
+
+    def when_imported(name, callback):
+        callback(importlib.import_module(name))
 
 from .saving import save_pretrained  # standard library only: no torch import
 
@@ -31,7 +39,6 @@ _COMMAND_SCRIPTS = ("permllm", "optimum-cli")
 def load() -> None:
     """Import the public API and register permllm with transformers and PEFT (idempotent)."""
     from .config import PermLLMConfig
-    from .integrations.peft import register as register_peft
     from .integrations.transformers import register as register_transformers
     from .nn import PermutedSparseLinear
     from .sparsifier import PermLLMSparsifier, sparsity_report
@@ -39,9 +46,16 @@ def load() -> None:
     globals().update(PermLLMConfig=PermLLMConfig, PermLLMSparsifier=PermLLMSparsifier,
                      PermutedSparseLinear=PermutedSparseLinear, sparsity_report=sparsity_report)
     # The one deliberate side effect: transformers learns quant_method="permllm" and PEFT learns to put
-    # LoRA on PermutedSparseLinear (PEFT has no registry for that, so its factory is wrapped).
+    # LoRA on PermutedSparseLinear (PEFT has no registry for that, so its factory is wrapped). PEFT is not
+    # imported for it: its LoRA module is wrapped when something imports it (now, if it already has).
     register_transformers()
-    register_peft()
+    when_imported("peft.tuners.lora.model", _register_peft)
+
+
+def _register_peft(_lora_model) -> None:
+    from .integrations.peft import register
+
+    register()
 
 
 def __getattr__(name: str):
