@@ -1,6 +1,7 @@
 """Save/load through transformers: bit-exact logits for every family, dequantize, bad checkpoints."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -136,13 +137,15 @@ def test_truncated_checkpoint_is_an_error(tmp_path):
 
 
 def test_loading_without_the_plugin_fails_instead_of_giving_random_weights(tmp_path):
+    """With neither the import nor the installed .pth hook (`python -S` reads no .pth file; test_autoload.py)."""
     model = _sparsify_with_random_permutations(tiny_model("llama"))
     model.save_pretrained(tmp_path)
     code = (
         "from transformers import AutoModelForCausalLM\n"
         f"AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode != 0
     assert "permllm" in result.stderr and "mismatch" in result.stderr.lower()
 
