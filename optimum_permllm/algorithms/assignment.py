@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 # Fewest blocks that are solved in a thread pool; below it, starting the threads costs more than the
 # assignments. A cost threshold only: the result does not depend on it.
@@ -24,6 +23,8 @@ def batched_assignment(score: torch.Tensor, maximize: bool = True, workers: int 
     `perms[i]` maximises (or minimises) `score[i, r, perms[i, r]]` summed over r. The hard
     permutation matrix is `P[i, r, perms[i, r]] = 1`. NaN scores are rejected.
     """
+    from scipy.optimize import linear_sum_assignment  # here: scipy.optimize takes ~0.25 s to import
+
     if score.dim() != 3 or score.shape[-1] != score.shape[-2]:
         raise ValueError(f"batched_assignment expects square blocks [b, k, k], got shape {tuple(score.shape)}.")
     blocks = score.detach().to(device="cpu", dtype=torch.float64).numpy()

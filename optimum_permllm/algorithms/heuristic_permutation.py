@@ -9,7 +9,6 @@ optimum can never be worse than leaving them where they are.
 from __future__ import annotations
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from ..sparse.nm import NMPattern
 from ..sparse.permutation import check_permutation, expand_head_blocks, identity_permutation
@@ -88,6 +87,8 @@ def _reassign_slot(
     scores: torch.Tensor, perm: torch.Tensor, slot: int, n: int, m: int, max_groups: int | None
 ) -> torch.Tensor:
     """Optimally re-deal the channels sitting in `slot` among the groups, the other slots held fixed."""
+    from scipy.optimize import linear_sum_assignment  # here: scipy.optimize takes ~0.25 s to import
+
     grouped = _grouped(scores[:, perm], m)
     num_groups = grouped.shape[1]
     num_blocks = 1 if max_groups is None else -(-num_groups // max_groups)
