@@ -59,20 +59,28 @@ class _Finder:
 
     @staticmethod
     def find_spec(name, path=None, target=None):
-        if name not in _watched:
+        callbacks = _watched.pop(name, None)  # popped first: a finder asked below may import `name` itself
+        if callbacks is None:
             return None
-        for finder in sys.meta_path:  # the spec the rest of the import system would give
-            if finder is not _finder and hasattr(finder, "find_spec"):
-                spec = finder.find_spec(name, path, target)
-                if spec is not None:
-                    break
-        else:
+        spec = _spec_from_the_other_finders(name, path, target)
+        if spec is None:  # not importable (yet): keep watching
+            _watched[name] = callbacks
             return None
-        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _Loader(spec.loader, _watched.pop(name))
-            if not _watched:
-                sys.meta_path.remove(_finder)
+        if hasattr(spec.loader, "exec_module"):
+            spec.loader = _Loader(spec.loader, callbacks)
+        if not _watched:
+            sys.meta_path.remove(_finder)
         return spec
+
+
+def _spec_from_the_other_finders(name, path, target):
+    """The spec the import system would use without this module's finder."""
+    for finder in sys.meta_path:
+        if finder is not _finder and hasattr(finder, "find_spec"):
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                return spec
+    return None
 
 
 class _Loader:
