@@ -38,7 +38,7 @@ def _register_permllm(_registry) -> None:
     try:
         import optimum_permllm
 
-        optimum_permllm.load()  # a no-op unless a `permllm` command defers it until it has parsed its arguments
+        optimum_permllm.load()  # idempotent; needed where the import defers it (a process named like a command)
     except ModuleNotFoundError as error:
         if error.name != "optimum_permllm":  # optimum_permllm is there but one of its dependencies is not
             _warn(error)
