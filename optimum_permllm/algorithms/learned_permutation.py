@@ -4,7 +4,7 @@ A permutation is learned on top of an initial hard one (`init_perm`, e.g. RIA-CP
 B x B block permutations. PermLLM (method="sinkhorn") uses a straight-through estimator: the forward
 pass uses the hard (Hungarian) permutation, the backward pass the gradient of the soft Sinkhorn one;
 the mask's gradient comes from a group-membership surrogate (see _MembershipMask) instead of PermLLM's
-softmax of permuted scores, whose first-order prediction of swap effects we measured to be wrong.
+softmax of permuted scores, whose first-order prediction of swap effects points the wrong way.
 The optimal-transport variant (method="ot") trains through the soft entropic assignment itself and
 hardens only to evaluate. Everything runs on weight columns, never on tokens: the `layer` objective
 is the exact (mean relative) output error of the pruned layers, computed from the input Gram matrix.
@@ -33,15 +33,15 @@ LossFn = Callable[[list[torch.Tensor]], torch.Tensor]
 
 _METHODS = ("sinkhorn", "ot")
 _OPTIMIZERS = ("normalized", "adamw")
-# SPEC section 4 for AdamW: lr 1e-3 for Wanda scores and 5e-3 for RIA. The normalized step moves the
-# block's most-pushed logit by lr * scale per step; 0.02 was the best of 0.02/0.05/0.1 (measured).
+# AdamW learning rates of the PermLLM paper: 1e-3 with Wanda scores, 5e-3 with RIA. The normalized step
+# moves each block's most-pushed logit by lr * scale per step.
 _DEFAULT_ADAMW_LR = {"magnitude": 1e-3, "wanda": 1e-3, "ria": 5e-3}
 _DEFAULT_NORMALIZED_LR = 0.02
 _DEFAULT_TAU = {"sinkhorn": (1.0, 0.1), "ot": (1.0, 0.05)}
 # PermLLM normalises 5 times; the OT variant solves an entropic transport problem, so it iterates more.
 _DEFAULT_SINKHORN_ITERS = {"sinkhorn": 5, "ot": 20}
 # Sigmoid width of the membership surrogate in units of "members above": the gradient lives on the
-# entries one rank either side of the keep/prune boundary (0.25..1.0 measured equally good).
+# entries one rank either side of the keep/prune boundary.
 _MEMBERSHIP_TEMPERATURE = 0.5
 # Rounds of the exact swap search that polishes the Sinkhorn result (each round applies many swaps).
 _DEFAULT_REFINE_ROUNDS = 5
@@ -70,7 +70,7 @@ class BlockPermutation(nn.Module):
     """Learnable block-diagonal permutation of `channels` inputs, applied on top of `init_perm`.
 
     Logits [C/B, B, B] start uniform in [-1/sqrt(B), 1/sqrt(B)] times a learnable scale sqrt(B)
-    (SPEC section 4). The columns of each random block are then reordered so that its optimal
+    (the PermLLM paper's initialisation). The columns of each random block are then reordered so that its optimal
     assignment is the identity: the distribution is unchanged, but training starts exactly at
     `init_perm`. The hard permutation is the Hungarian (maximum-weight) assignment of the logits,
     i.e. the limit of the Sinkhorn permutation as the temperature goes to zero, so annealing the
@@ -180,8 +180,8 @@ class _MembershipMask(torch.autograd.Function):
     mask[r, c] = sum_q Z[c, q] * sigmoid((n - 1/2 - count[r, c, q]) / t), where Z[c, q] = 1 when
     source c sits in group q and count[r, c, q] is the number of members of q scoring above c in
     row r. A swap changes the counts linearly, so at a hard permutation this gradient predicts swap
-    effects (measured correlation with the true loss change +0.3..+0.5, against -0.1 for the
-    gradient of PermLLM's permuted soft mask, whose first-order term moves masks between columns).
+    effects, which the gradient of PermLLM's permuted soft mask does not: its first-order term moves
+    masks between columns.
     """
 
     @staticmethod
@@ -387,8 +387,8 @@ def learn_permutation(
     permutation is evaluated at every step and the best one is kept, `init_perm` included, so the
     result never loses to its initialisation. `callback(step, loss, best_loss)` may return True to stop.
     `optimizer`: "normalized" (default: each block's gradient divided by its largest entry, so the
-    most strongly predicted swaps happen first) or "adamw" (SPEC; its per-entry normalisation flips
-    many weakly pushed entries at once, which raised the loss from a good init in our measurements).
+    most strongly predicted swaps happen first) or "adamw" (the paper's; its per-entry normalisation
+    flips many weakly pushed entries at once, which moves a good initialisation away from its optimum).
     `init_bias` (logit units) is added to the diagonal so the first changes need a consistent push.
     `refine_rounds` rounds of exact greedy swaps (algorithms.swap_refinement, on the Gram objective)
     then polish the best permutation; with a custom `loss_fn` the polished one is kept only if
