@@ -1,4 +1,4 @@
-"""The README's main job end to end on a tiny model folder: prune (learned permutation), evaluate, save, reload."""
+"""The README's main job end to end on a tiny model folder: prune (its default method), evaluate, save, reload."""
 
 import json
 import math
