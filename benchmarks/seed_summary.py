@@ -27,12 +27,15 @@ def load_rows(paths: list[str]) -> list[dict]:
     return rows
 
 
-def by_setting(rows: list[dict]) -> dict[tuple, dict[int, float]]:
-    """{(method, sparsity, num_samples, linears left dense): {seed: perplexity}}; a repeated seed keeps its last row."""
+def by_setting(rows: list[dict], value: str = "perplexity") -> dict[tuple, dict[int, float]]:
+    """{(method, sparsity, num_samples, linears left dense): {seed: value}}; a repeated seed keeps its last row,
+    rows without `value` (e.g. older runs without kl_to_dense) are left out."""
     table: dict[tuple, dict[int, float]] = defaultdict(dict)
     for row in rows:
+        if value not in row:
+            continue
         key = (row["method"], row.get("sparsity", "-"), row.get("num_samples"), " ".join(row.get("keep_dense") or []) or "-")
-        table[key][int(row.get("seed", 0))] = float(row["perplexity"])
+        table[key][int(row.get("seed", 0))] = float(row[value])
     return table
 
 
@@ -54,32 +57,40 @@ def paired(method: dict[int, float], reference: dict[int, float]) -> tuple[int, 
     return len(seeds), mean, sd / math.sqrt(len(seeds)), sum(d < 0 for d in diffs)
 
 
-def summary(rows: list[dict], reference: str | None) -> str:
-    """The Markdown table."""
-    table = by_setting(rows)
-    lines = ["| method | sparsity | samples | left dense | perplexity per seed | mean +/- sd | vs reference (same seeds) | lower on |",
+def summary(rows: list[dict], reference: str | None, value: str = "perplexity") -> str:
+    """The Markdown table of `value` (a bench_pruning.py row field: perplexity, kl_to_dense, ...)."""
+    table = by_setting(rows, value)
+    _fmt = _formatter(value)
+    lines = [f"| method | sparsity | samples | left dense | {value} per seed | mean +/- sd | vs reference (same seeds) | lower on |",
              "|---|---|---|---|---|---|---|---|"]
     for (method, sparsity, samples, dense), seeds in sorted(table.items(), key=lambda item: str(item[0])):
-        per_seed = ", ".join(f"s{s}: {seeds[s]:.2f}" for s in sorted(seeds))
+        per_seed = ", ".join(f"s{s}: {_fmt(seeds[s])}" for s in sorted(seeds))
         mean, sd = mean_sd(list(seeds.values()))
         versus, lower = "-", "-"
         ref = table.get((reference or method.partition("+")[0] + "+cp", sparsity, samples, dense))
         if ref is not None and ref is not seeds:
             count, diff, error, wins = paired(seeds, ref)
             if count:
-                spread = f" +/- {error:.2f}" if count > 1 else ""
-                versus = f"{diff:+.2f}{spread} ({count} seed{'s' if count > 1 else ''})"
+                spread = f" +/- {_fmt(error)}" if count > 1 else ""
+                versus = f"{'+' if diff >= 0 else ''}{_fmt(diff)}{spread} ({count} seed{'s' if count > 1 else ''})"
                 lower = f"{wins}/{count}"
-        lines.append(f"| {method} | {sparsity} | {samples} | {dense} | {per_seed} | {mean:.2f} +/- {sd:.2f} | {versus} | {lower} |")
+        lines.append(f"| {method} | {sparsity} | {samples} | {dense} | {per_seed} | {_fmt(mean)} +/- {_fmt(sd)} | {versus} | {lower} |")
     return "\n".join(lines)
+
+
+def _formatter(value: str):
+    """Two decimals for perplexities; four for the other fields (a KL divergence in nats is about 1)."""
+    digits = 2 if value == "perplexity" else 4
+    return lambda number: f"{number:.{digits}f}"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("jsonl", nargs="+", help="files written by bench_pruning.py --jsonl")
     parser.add_argument("--reference", default=None, help="method every other one is paired with (default: METRIC+cp of each method's own metric)")
+    parser.add_argument("--value", default="perplexity", help="the row field to compare (e.g. kl_to_dense); lower is better")
     args = parser.parse_args(argv)
-    print(summary(load_rows(args.jsonl), args.reference))
+    print(summary(load_rows(args.jsonl), args.reference, args.value))
 
 
 if __name__ == "__main__":

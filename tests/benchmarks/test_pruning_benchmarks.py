@@ -54,3 +54,12 @@ def test_seed_summary_pairs_each_method_with_its_own_heuristic_on_common_seeds()
     assert lines[("wanda+learned", "2:4", "16", "q_proj k_proj")].endswith("| - | - |")  # another setting
     against = summary(rows, "wanda+learned").splitlines()
     assert any(line.startswith("| wanda+cp | 2:4 | 16 |") and "+3.00 +/- 1.00" in line for line in against)
+
+
+def test_seed_summary_compares_another_field_and_skips_rows_without_it():
+    summary = _load("seed_summary").summary
+    rows = [{"method": m, "sparsity": "2:4", "num_samples": 64, "seed": s, "perplexity": 50.0, "kl_to_dense": kl}
+            for m, s, kl in [("wanda+cp", 0, 1.5), ("wanda+cp", 1, 1.6), ("gram+cp", 0, 1.3), ("gram+cp", 1, 1.3)]]
+    rows.append({"method": "gram+cp", "sparsity": "2:4", "num_samples": 64, "seed": 2, "perplexity": 40.0})  # no KL
+    gram = next(line for line in summary(rows, "wanda+cp", "kl_to_dense").splitlines() if line.startswith("| gram+cp"))
+    assert "s0: 1.3000, s1: 1.3000 |" in gram and "-0.2500 +/- 0.0500 (2 seeds)" in gram and "| 2/2 |" in gram
