@@ -78,10 +78,11 @@ def test_lora_still_wraps_sparse_layers_when_peft_is_imported_first(tmp_path):
 
 
 def test_python_start_imports_only_the_hook(tmp_path):
-    site = _site(tmp_path / "site", PTH)
+    # -S: this interpreter's own site-packages may hold the installed .pth already (pip install -e .)
+    site = _site(tmp_path / "site", PTH, HOOK)
     script = (f"import site, sys; before = set(sys.modules); site.addsitedir({str(site)!r})\n"
               "print(sorted(set(sys.modules) - before))\n")
-    assert _run(["-c", script]).stdout.strip() == "['_optimum_permllm_autoload']"
+    assert _run(["-S", "-c", script], cwd=tmp_path).stdout.strip() == "['_optimum_permllm_autoload']"
 
 
 def test_a_stale_pth_without_its_module_is_silent(tmp_path):
