@@ -42,7 +42,7 @@ def build_parser(prog: str = "python -m optimum_permllm.demo") -> argparse.Argum
                              f"(default: {DEMO_EVAL_WINDOWS}; 0: all)")
     parser.add_argument("--output", default=DEMO_OUTPUT,
                         help=f"folder for the sparse checkpoint (default: ./{DEMO_OUTPUT} in the current "
-                             "folder, about 330 MB for SmolLM2 in float32; replaced if it exists)")
+                             "folder, 344 MB for SmolLM2 in float32; replaced if it exists)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available, else cpu)")
     return parser
 
