@@ -52,7 +52,8 @@ def run_one(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval().to(args.device)
     row = {"method": args.one, "sparsity": args.sparsity if args.one != "dense" else "-", "model": source,
-           "seed": args.seed, "num_samples": args.num_samples, "device": args.device}
+           "seed": args.seed, "num_samples": args.num_samples, "device": args.device,
+           "dataset": args.dataset or "offline Wikipedia"}
     if args.keep_dense:
         row["keep_dense"] = args.keep_dense
     dense = copy.deepcopy(model) if args.one != "dense" else model
