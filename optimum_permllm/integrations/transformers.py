@@ -32,10 +32,11 @@ class PermLLMHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if self.pre_quantized:
-            names = sparse_layer_names(checkpoint_files, self.quantization_config)
-            norms = permuted_norm_names(checkpoint_files, self.quantization_config)
+            shapes = checkpoint_shapes(checkpoint_files)  # safetensors headers, read once
+            names = sparse_layer_names(shapes, self.quantization_config)
+            norms = permuted_norm_names(shapes, self.quantization_config)
             self.sparsifier.convert_model(model, names, norms)
-            check_tensor_shapes(model, names + norms, _checkpoint_shapes(checkpoint_files), self.quantization_config)
+            check_tensor_shapes(model, names + norms, shapes, self.quantization_config)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -60,12 +61,13 @@ class PermLLMHfQuantizer(HfQuantizer):
         return True
 
 
-def sparse_layer_names(checkpoint_files, config: PermLLMConfig) -> list[str]:
-    """Names of the sparse layers a checkpoint holds, read from its safetensors headers.
+def sparse_layer_names(shapes: dict[str, list[int]] | None, config: PermLLMConfig) -> list[str]:
+    """Names of the sparse layers a checkpoint holds, from its tensor `shapes` (`checkpoint_shapes`; None
+    without safetensors files: then the config's list).
 
     Raises a clear error when a sparse layer lacks one of its tensors (a truncated or edited checkpoint).
     """
-    keys = _checkpoint_shapes(checkpoint_files)
+    keys = shapes
     if keys is None:
         if config.converted_modules is None:
             raise ValueError("This permllm checkpoint lists no sparse layers and has no safetensors files to read them from.")
@@ -77,10 +79,10 @@ def sparse_layer_names(checkpoint_files, config: PermLLMConfig) -> list[str]:
     return sorted(expected | set(names))
 
 
-def permuted_norm_names(checkpoint_files, config: PermLLMConfig | None = None) -> list[str]:
+def permuted_norm_names(shapes: dict[str, list[int]] | None, config: PermLLMConfig | None = None) -> list[str]:
     """Norms the checkpoint stores with an `output_perm` (permutations folded into the norm); an error when a
     norm that the config records as permuted has lost its `output_perm`."""
-    keys = _checkpoint_shapes(checkpoint_files)
+    keys = shapes
     recorded = set(getattr(config, "permuted_norms", None) or ())
     if keys is None:  # no safetensors headers to read: trust the config
         return sorted(recorded)
@@ -124,7 +126,7 @@ def _refuse_missing(missing: list[str]) -> None:
         )
 
 
-def _checkpoint_shapes(checkpoint_files) -> dict[str, list[int]] | None:
+def checkpoint_shapes(checkpoint_files) -> dict[str, list[int]] | None:
     """The shape of every tensor in the checkpoint's safetensors files (headers only), or None if none are
     safetensors."""
     files = [str(f) for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
