@@ -76,8 +76,7 @@ def gram_mask(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, n: i
             cost = 2 * (d_new * p_rest.unsqueeze(1)).sum(-1) + ((d_new @ g_cc) * d_new).sum(-1)
             best = cost.argmin(-1)
             new = d_new[rows, best]
-            moved = (new != d_old).any(-1)
-            if bool(moved.any()):
+            if not torch.equal(new, d_old):
                 changed = True
                 p += (new - d_old) @ g[cols, :]
                 d[:, cols] = new
