@@ -38,16 +38,17 @@ class PermLLMConfig(QuantizationConfigMixin):
     Args:
         sparsity: the N:M pattern, "2:4" (what GPU sparse tensor cores run), "4:8", "1:4", ...
         metric: which weights to keep: "magnitude" (no data), "wanda", "ria", "gram" (the N:M mask with
-            the smallest exact output error on the calibration inputs, weights unchanged), or "sparsegpt"
-            (also updates the kept weights).
+            the smallest exact output error on the calibration inputs, weights unchanged), "sparsegpt"
+            (also updates the kept weights), or "lsq" (SparseGPT's mask, then the kept weights refitted
+            by least squares on the calibration inputs: the lowest error, at about SparseGPT's cost).
         permutation: "none", "heuristic" (RIA-style channel permutation) or "learned" (PermLLM).
         learner: for permutation="learned": "sinkhorn" (PermLLM) or "ot" (optimal-transport variant).
         scope: for permutation="learned": the objective, "layer" (output error of each linear group, from
             the input Gram matrix), "block" (each decoder layer's output) or "model" (last hidden states).
         block_size: channels per learnable permutation block (must divide the layer width).
         steps, lr: optimisation budget of the learned permutation (None: the method's default).
-        damp: SparseGPT's dampening, added to the Hessian's diagonal as a fraction of its mean; raise it
-            (e.g. 0.1) when SparseGPT reports a Hessian that is not positive definite.
+        damp: SparseGPT's (and "lsq"'s) dampening, added to the Hessian's diagonal as a fraction of its
+            mean; raise it (e.g. 0.1) when SparseGPT reports a Hessian that is not positive definite.
         dataset: calibration text: None (offline Wikipedia default), a Hub dataset name, a local text
             file, or a list of strings.
         tokenizer: a tokenizer or its name/path (defaults to the model's own path when pruning on load).

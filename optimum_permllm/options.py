@@ -3,7 +3,7 @@
 The command line builds its `--help` from these, so they live apart from `config.py`.
 """
 
-METRICS = ("magnitude", "wanda", "ria", "gram", "sparsegpt")
+METRICS = ("magnitude", "wanda", "ria", "gram", "sparsegpt", "lsq")
 PERMUTATIONS = ("none", "heuristic", "learned")
 LEARNERS = ("sinkhorn", "ot")
 SCOPES = ("layer", "block", "model")

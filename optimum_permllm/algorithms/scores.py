@@ -48,10 +48,11 @@ def permutation_metric(metric: str) -> str:
 
     The permutation is chosen for the mask the metric will keep, so it is scored by that metric:
     'magnitude' -> |W|, 'wanda' -> Wanda, 'ria' -> RIA. SparseGPT has no score of its own (it decides
-    masks from the Hessian while updating weights), so it is permuted by Wanda, its usual companion;
-    the Gram-chosen mask starts from Wanda's mask in the chosen permutation, so it is permuted by Wanda too.
+    masks from the Hessian while updating weights), so it is permuted by Wanda, its usual companion, and
+    so is 'lsq' (SparseGPT's mask, refitted); the Gram-chosen mask starts from Wanda's mask in the chosen
+    permutation, so it is permuted by Wanda too.
     """
-    return "wanda" if metric in ("sparsegpt", "gram") else metric
+    return "wanda" if metric in ("sparsegpt", "gram", "lsq") else metric
 
 
 def _checked_norms(weight: torch.Tensor, feature_norms: torch.Tensor | None, metric: str) -> torch.Tensor:

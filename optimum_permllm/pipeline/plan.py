@@ -44,6 +44,6 @@ class PruningPlan:
 
     @property
     def needs_gram(self) -> bool:
-        """SparseGPT's weight update, the Gram-chosen mask and the learned permutation's objective need
-        the input Gram matrix."""
-        return self.metric in ("sparsegpt", "gram") or self.permutation == "learned"
+        """SparseGPT's weight update, the Gram-chosen mask, the least-squares refit and the learned
+        permutation's objective need the input Gram matrix."""
+        return self.metric in ("sparsegpt", "gram", "lsq") or self.permutation == "learned"

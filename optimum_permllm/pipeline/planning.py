@@ -13,6 +13,7 @@ import torch
 
 from ..algorithms.gram_mask import gram_mask
 from ..algorithms.heuristic_permutation import head_shared_permutation, heuristic_permutation, retained_score
+from ..algorithms.refit import refit_kept
 from ..algorithms.scores import score_fn
 from ..algorithms.sparsegpt import sparsegpt_prune
 from ..algorithms.statistics import InputStatistics
@@ -85,12 +86,13 @@ def learn_group_permutation(weights, stats, init_perm: torch.Tensor, plan: Pruni
 
 
 def _prune_members(weights, dense, scores, stats, perm, plan: PruningPlan):
-    """Prune each member in permuted order: by its scores, by SparseGPT with a weight update, or by the
-    scores' mask improved on the exact output error (metric "gram")."""
+    """Prune each member in permuted order: by its scores, by SparseGPT with a weight update, by the
+    scores' mask improved on the exact output error (metric "gram"), or by SparseGPT's mask with the kept
+    weights refitted by least squares (metric "lsq")."""
     n, m = plan.pattern.n, plan.pattern.m
     pruned, masks, row = {}, {}, 0
-    hessian = stats.hessian() if plan.metric == "sparsegpt" else None
-    gram = stats.gram()[perm][:, perm] if plan.metric == "gram" else None
+    hessian = stats.hessian() if plan.metric in ("sparsegpt", "lsq") else None
+    gram = stats.gram()[perm][:, perm] if plan.metric in ("gram", "lsq") else None
     for name, w in dense.items():
         rows = w.shape[0]
         if hessian is not None:
@@ -100,6 +102,8 @@ def _prune_members(weights, dense, scores, stats, perm, plan: PruningPlan):
             if gram is not None:
                 mask = gram_mask(w[:, perm], gram, mask, n, m)
             new = w[:, perm].masked_fill(~mask, 0)
+        if plan.metric == "lsq":
+            new = refit_kept(w[:, perm], gram, mask, damp=plan.damp)
         pruned[name], masks[name] = new.to(weights[name].dtype), mask
         row += rows
     return pruned, masks

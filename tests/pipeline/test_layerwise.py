@@ -86,6 +86,21 @@ def test_sparsegpt_plan_reconstructs_the_layer_better_than_wanda():
     assert errors["sparsegpt"] < errors["wanda"]
 
 
+def test_lsq_plan_keeps_sparsegpts_mask_and_reconstructs_the_layer_better():
+    weights, stats, x = _random_group(seed=4)
+    plans = {metric: plan_group(weights, stats, PermLLMConfig(metric=metric, permutation="heuristic").to_plan())
+             for metric in ("sparsegpt", "lsq")}
+    assert torch.equal(plans["lsq"].perm, plans["sparsegpt"].perm)
+    errors = {}
+    for metric, plan in plans.items():
+        xp = x[:, plan.perm]
+        errors[metric] = sum(float((xp @ plan.weights[k].T - x @ w.T).square().sum()) for k, w in weights.items())
+    for name in weights:
+        assert torch.equal(plans["lsq"].masks[name], plans["sparsegpt"].masks[name])
+        assert torch.equal(plans["lsq"].weights[name] != 0, plans["lsq"].masks[name])
+    assert errors["lsq"] < 0.95 * errors["sparsegpt"]
+
+
 @pytest.mark.parametrize("permutation", ["none", "heuristic"])
 def test_gram_plan_has_the_wanda_plans_permutation_and_a_lower_exact_error(permutation):
     weights, stats, x = _random_group(seed=5)
@@ -110,7 +125,8 @@ def test_block_size_falls_back_to_a_divisor_that_is_a_multiple_of_m():
 
 
 @pytest.mark.parametrize("metric,permutation", [("wanda", "heuristic"), ("ria", "none"), ("sparsegpt", "heuristic"),
-                                                ("magnitude", "heuristic"), ("gram", "heuristic")])
+                                                ("magnitude", "heuristic"), ("gram", "heuristic"),
+                                                ("lsq", "none")])
 def test_every_linear_is_pruned_and_keeps_its_pattern(family, metric, permutation):
     model = tiny_model(family)
     layers = find_decoder_layers(model)[1]

@@ -1,0 +1,65 @@
+"""The exact refit of kept weights: the least-squares fit on the inputs, never worse than no update or SparseGPT."""
+
+import pytest
+import torch
+
+from optimum_permllm.algorithms.gram_mask import output_error
+from optimum_permllm.algorithms.refit import damped_gram, refit_kept
+from optimum_permllm.algorithms.sparsegpt import sparsegpt_prune
+from optimum_permllm.sparse import nm_mask
+
+
+def correlated_inputs(width: int, samples: int = 256, seed: int = 0) -> torch.Tensor:
+    """[samples, width] inputs with strongly correlated features."""
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(width, width, generator=gen) / 2 + torch.eye(width)
+    return torch.randn(samples, width, generator=gen) @ mixing
+
+
+def update_error(w: torch.Tensor, new: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """[rows] output error (w - new)^T G (w - new)."""
+    d = w - new
+    return (d * (d @ g)).sum(-1)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])
+def test_matches_the_least_squares_fit_on_the_inputs(n, m):
+    x = correlated_inputs(16)
+    w = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    keep = nm_mask(w.abs(), n, m)
+    new = refit_kept(w, x.T @ x / x.shape[0], keep, damp=0.0)
+    assert bool((new[~keep] == 0).all())
+    for row in range(w.shape[0]):
+        kept = keep[row].nonzero().squeeze(1)
+        fit = torch.linalg.lstsq(x[:, kept], (x @ w[row]).unsqueeze(1)).solution.squeeze(1)
+        torch.testing.assert_close(new[row, kept], fit, atol=1e-4, rtol=1e-4)
+
+
+def test_never_worse_than_no_update_or_sparsegpt_on_its_damped_gram():
+    x = correlated_inputs(32)
+    g = x.T @ x / x.shape[0]
+    w = torch.randn(12, 32, generator=torch.Generator().manual_seed(2))
+    sparse, keep = sparsegpt_prune(w, g, 2, 4, block_size=8, damp=0.01)
+    new = refit_kept(w, g, keep, damp=0.01)
+    gd = damped_gram(g, 0.01)
+    refit_error = update_error(w, new, gd)
+    assert bool((refit_error <= output_error(w, gd, keep) + 1e-5).all())
+    assert bool((refit_error <= update_error(w, sparse, gd) + 1e-5).all())
+    assert float(refit_error.sum()) < float(update_error(w, sparse, gd).sum())
+
+
+def test_dead_inputs_are_handled_by_the_dampening():
+    x = correlated_inputs(8)
+    x[:, 3] = 0
+    w = torch.randn(4, 8, generator=torch.Generator().manual_seed(4))
+    keep = nm_mask(w.abs(), 2, 4)
+    assert bool(torch.isfinite(refit_kept(w, x.T @ x / x.shape[0], keep)).all())
+
+
+def test_bad_shapes_are_refused():
+    w = torch.randn(4, 8)
+    keep = nm_mask(w.abs(), 2, 4)
+    with pytest.raises(ValueError, match="keep"):
+        refit_kept(w, torch.eye(8), keep[:2])
+    with pytest.raises(ValueError, match="gram"):
+        refit_kept(w, torch.eye(4), keep)
