@@ -390,9 +390,11 @@ def learn_permutation(
     most strongly predicted swaps happen first) or "adamw" (the paper's; its per-entry normalisation
     flips many weakly pushed entries at once, which moves a good initialisation away from its optimum).
     `init_bias` (logit units) is added to the diagonal so the first changes need a consistent push.
-    `refine_rounds` rounds of exact greedy swaps (algorithms.swap_refinement, on the Gram objective)
-    then polish the best permutation; with a custom `loss_fn` the polished one is kept only if
-    `loss_fn` prefers it. Needs `gram`; skipped without it.
+    `refine_rounds` rounds of exact greedy swaps (algorithms.swap_refinement) then polish the best
+    permutation on the `layer` objective (needs `gram`). With a custom `loss_fn` (the `block` and `model`
+    scopes) there is no polish: the swap search can only search the Gram objective, and letting the
+    scope accept or reject its result would be a Gram search, not the scope's; the Sinkhorn or OT
+    steps are the scope's whole search, so everything it keeps was chosen on its own objective.
     """
     if method not in _METHODS:
         raise ValueError(f"Unknown method {method!r}; valid methods: {', '.join(_METHODS)}.")
@@ -424,13 +426,13 @@ def learn_permutation(
     with torch.no_grad():
         final = module.hard_blocks()
         tracker.update(module.perm_from_blocks(final), _hard_loss(module, problem, final))
-    if refine_rounds > 0 and gram is not None:
+    if refine_rounds > 0 and gram is not None and loss_fn is None:
         _polish(problem, tracker, weights, gram, block_size, refine_rounds, callback, steps)
     return LearnResult(tracker.best_perm.cpu(), tracker.best_loss, tracker.history[0], tracker.history)
 
 
 def _polish(problem, tracker, weights, gram, block_size, rounds, callback, step) -> None:
-    """Refine the best permutation by exact swaps and offer the result to the tracker."""
+    """Refine the best permutation by exact swaps on the Gram (`layer`) objective and offer it to the tracker."""
     scores = from_blocks(problem.scores)[:, problem.inverse_init]  # original column order
     refined = refine_swaps(balanced_weights(weights, gram), gram, scores, tracker.best_perm, problem.n, problem.m, block_size, rounds)
     with torch.no_grad():

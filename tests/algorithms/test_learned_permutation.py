@@ -199,6 +199,25 @@ def test_custom_loss_gets_pruned_weights_in_original_order_and_callback_can_stop
     assert len(result.history) == 4  # steps 0, 1, 2, then the final hardened permutation
 
 
+def test_a_scope_objective_is_searched_on_its_own_and_never_by_the_gram_swap_polish():
+    # The scope here is the exact objective of OTHER inputs: the Gram matrix passed alongside must not steer it.
+    weights, _, gram, norms = make_group(channels=64, outs=(48, 16), seed=4)
+    _, _, other_gram, _ = make_group(channels=64, outs=(48, 16), seed=9)
+    init = heuristic_permutation(_group_scores(weights, norms), 2, 4)
+    common = dict(init_perm=init, block_size=32, refine_rounds=6)
+    # Without a scope, the polish lowers the Gram objective well below its initialisation ...
+    polished = learn_permutation(weights, gram, norms, 2, 4, steps=0, **common)
+    assert polished.best_loss < 0.97 * polished.init_loss
+    # ... but under a scope that agrees with that objective, no step means no search: the init is kept.
+    agreeing = learn_permutation(weights, gram, norms, 2, 4, steps=0, loss_fn=LayerObjective(weights, gram), **common)
+    assert torch.equal(agreeing.perm, init) and agreeing.history == [agreeing.init_loss]
+    # With learning steps, the result depends on the scope objective only, not on the Gram matrix passed.
+    scope = LayerObjective(weights, other_gram)
+    runs = [learn_permutation(weights, g, norms, 2, 4, steps=8, loss_fn=scope, **common) for g in (gram, other_gram)]
+    assert torch.equal(runs[0].perm, runs[1].perm) and runs[0].history == runs[1].history
+    assert runs[0].best_loss == pytest.approx(float(scope([pruned(w, runs[0].perm, norms) for w in weights])), rel=1e-5)
+
+
 def test_quality_beats_identity_and_heuristic_on_correlated_inputs():
     weights, x, gram, norms = make_group(channels=128, outs=(128, 128), seed=0, heavy=8, rank=16)
     scores = torch.cat([wanda_scores(w, norms) for w in weights])
