@@ -2,8 +2,8 @@
 
 Both are `loss_fn`s for `learn_permutation`: they receive the group's candidate pruned weights
 (original column order) and return 1 - cosine similarity, averaged over tokens, between an output
-computed with those weights and the same output of the dense layer, on a few cached calibration
-batches (the inputs of the current layer, i.e. the outputs of the already-pruned previous layers).
+computed with those weights and the same output of the dense layer, on SCOPE_WINDOWS cached calibration
+windows (the inputs of the current layer, i.e. the outputs of the already-pruned previous layers).
 The cosine is taken after dividing every feature by its RMS in the dense output: an LLM's residual
 stream keeps most of its energy in a few massive dimensions, and a plain cosine would see only those.
 
@@ -25,6 +25,13 @@ from torch import nn
 
 from ..options import SCOPES
 from .capture import CalibrationCache, LayerCall
+
+# Calibration windows (sequences) a scope objective is scored on; all cached ones if fewer. On
+# SmolLM2-135M (512-token windows, research/block_scope_windows.py, BENCHMARKS.md "Block scope: windows
+# and held-out loss"), a block-scope permutation learned on 2 windows was worse than the heuristic on
+# held-out text in 3 of 8 groups (it fitted the 2 windows' noise), one learned on 16 windows in none; a
+# paired per-window difference of 1% of the loss needs about 4-8 windows to exceed 2 standard errors.
+SCOPE_WINDOWS = 16
 
 
 def run_call(call: LayerCall, layer: nn.Module, hidden: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -54,7 +61,7 @@ def feature_scale(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 class ScopeObjective:
     """1 - cos(output with the group's candidate weights, dense output), features standardised by the
-    dense output's per-feature RMS, over a few cached batches.
+    dense output's per-feature RMS, over the first cached batches that hold `windows` sequences (all if fewer).
 
     `names` are the group's linears (qualified inside `layer`); `later` are the decoder layers run
     after `layer` (empty for the `block` scope) with their indices, and `final_norm` the module applied
@@ -62,12 +69,14 @@ class ScopeObjective:
     """
 
     def __init__(self, layer: nn.Module, index: int, cache: CalibrationCache, names: Sequence[str],
-                 batches: int = 2, later: Sequence[tuple[int, nn.Module]] = (), final_norm: nn.Module | None = None):
-        if batches < 1 or not cache.hidden:
-            raise ValueError(f"The {len(cache.hidden)} cached batches cannot give batches={batches}; use batches >= 1.")
+                 windows: int = SCOPE_WINDOWS, later: Sequence[tuple[int, nn.Module]] = (),
+                 final_norm: nn.Module | None = None):
+        if windows < 1 or not cache.hidden:
+            raise ValueError(f"A scope objective needs windows >= 1 (got {windows}) and cached calibration batches "
+                             f"({len(cache.hidden)} cached).")
         self.layer, self.index, self.names = layer, index, list(names)
         self.later, self.final_norm = list(later), final_norm
-        self.hidden = cache.hidden[:batches]
+        self.hidden = _first_windows(cache.hidden, windows)
         self.calls = {(i, h.shape[0]): cache.call_for(i, h) for h in self.hidden for i in [index, *[j for j, _ in later]]}
         self.params = {name: p.detach() for name, p in layer.named_parameters()}
         with torch.no_grad():
@@ -93,8 +102,19 @@ class ScopeObjective:
         return torch.stack(losses).mean()
 
 
+def _first_windows(hidden: Sequence[torch.Tensor], windows: int) -> list[torch.Tensor]:
+    """The first batches of `hidden` that together hold at least `windows` sequences (all if fewer)."""
+    kept, count = [], 0
+    for batch in hidden:
+        if count >= windows:
+            break
+        kept.append(batch)
+        count += batch.shape[0]
+    return kept
+
+
 def scope_loss_fn(scope: str, layer: nn.Module, index: int, cache: CalibrationCache, names: Sequence[str],
-                  batches: int = 2, later_layers: Sequence[nn.Module] = (), final_norm: nn.Module | None = None):
+                  windows: int = SCOPE_WINDOWS, later_layers: Sequence[nn.Module] = (), final_norm: nn.Module | None = None):
     """The `loss_fn` of `scope` for one group, or None for `layer` (learn_permutation's exact Gram objective).
 
     `later_layers` are all the decoder layers after `index` (used by the `model` scope only).
@@ -104,4 +124,4 @@ def scope_loss_fn(scope: str, layer: nn.Module, index: int, cache: CalibrationCa
     if scope == "layer":
         return None
     later = list(enumerate(later_layers, start=index + 1)) if scope == "model" else []
-    return ScopeObjective(layer, index, cache, names, batches, later, final_norm if scope == "model" else None)
+    return ScopeObjective(layer, index, cache, names, windows, later, final_norm if scope == "model" else None)

@@ -33,15 +33,15 @@ def _pruned(layer):
     return [w.masked_fill(~nm_mask(w.abs(), 2, 4), 0) for w in weights]
 
 
-def _reference(layers, cache, index, pruned, through):
-    """Edit a copy of the layers and run them: 1 - cos against the untouched dense run, every feature
-    divided by its RMS over the dense outputs."""
+def _reference(layers, cache, index, pruned, through, batches=2):
+    """Edit a copy of the layers and run them on the first `batches` cached batches: 1 - cos against the
+    untouched dense run, every feature divided by its RMS over the dense outputs."""
     edited = copy.deepcopy(layers)
     with torch.no_grad():
         for name, w in zip(GROUP, pruned):
             edited[index].get_submodule(name).weight.copy_(w)
         outs, refs = [], []
-        for h in cache.hidden[:2]:
+        for h in cache.hidden[:batches]:
             out, ref = h, h
             for j in range(index, through + 1):
                 out = cache.call_for(j, out).run(edited[j], out)
@@ -56,12 +56,27 @@ def _reference(layers, cache, index, pruned, through):
 @pytest.mark.parametrize("scope", ["block", "model"])
 def test_scope_loss_is_the_cosine_loss_of_the_edited_layer(setup, scope):
     model, layers, cache = setup
-    loss_fn = scope_loss_fn(scope, layers[0], 0, cache, GROUP, batches=2, later_layers=layers[1:])
+    loss_fn = scope_loss_fn(scope, layers[0], 0, cache, GROUP, windows=2, later_layers=layers[1:])
     dense = [layers[0].get_submodule(name).weight.detach() for name in GROUP]
     assert float(loss_fn(dense)) == pytest.approx(0.0, abs=1e-6)
     through = 0 if scope == "block" else len(layers) - 1
     value = float(loss_fn(_pruned(layers[0])))
     assert value > 1e-5 and value == pytest.approx(_reference(layers, cache, 0, _pruned(layers[0]), through), rel=1e-4)
+
+
+@pytest.mark.parametrize("windows, batches", [(1, 1), (2, 1), (3, 2), (16, 3)])
+def test_scope_objective_is_scored_on_the_first_batches_holding_enough_windows(setup, windows, batches):
+    model, layers, _ = setup
+    ids = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(2))
+    cache = capture(model, layers, ids, batch_size=2, device="cpu")  # 3 batches of 2 windows
+    loss_fn = scope_loss_fn("block", layers[0], 0, cache, GROUP, windows=windows)
+    expected = _reference(layers, cache, 0, _pruned(layers[0]), 0, batches)
+    assert float(loss_fn(_pruned(layers[0]))) == pytest.approx(expected, rel=1e-4)
+    if batches < 3:  # fewer batches give a different value, so the count is really checked
+        assert float(loss_fn(_pruned(layers[0]))) != pytest.approx(_reference(layers, cache, 0, _pruned(layers[0]), 0, 3),
+                                                                   rel=1e-4)
+    with pytest.raises(ValueError, match="windows >= 1"):
+        scope_loss_fn("block", layers[0], 0, cache, GROUP, windows=0)
 
 
 def test_gradients_reach_the_candidates_and_never_the_model(setup):
