@@ -6,8 +6,8 @@ collects them into a Markdown table. Example (the figures in BENCHMARKS.md):
     python benchmarks/bench_pruning.py --methods dense magnitude wanda wanda+cp sparsegpt+cp \
         --sparsity 2:4 --eval-windows 24 --zero-shot-limit 0
 
-A method is METRIC[+cp|+learned[-ot][-block|-model]] ("dense" for the unpruned model), e.g. "ria+cp",
-"sparsegpt+learned" or "wanda+learned-ot-block".
+A method is METRIC[+cp|+learned[-ot][-model]] ("dense" for the unpruned model), e.g. "ria+cp",
+"sparsegpt+learned" or "wanda+learned-ot-model".
 Protocol (fixed, documented in BENCHMARKS.md): fp32 on the CPU; calibration = the offline Wikipedia
 calibration part, `--num-samples` windows of `--seq-len` tokens, seed 0; perplexity = the first
 `--eval-windows` non-overlapping 512-token windows of the held-out Wikipedia part, and on the same
@@ -32,9 +32,9 @@ def parse_method(method: str) -> dict:
     metric, _, perm = method.partition("+")
     kwargs = {"metric": metric, "permutation": {"": "none", "cp": "heuristic"}.get(perm, "learned")}
     if perm.startswith("learned"):
-        options = perm.split("-")[1:]  # e.g. learned-ot-block
+        options = perm.split("-")[1:]  # e.g. learned-ot-model
         kwargs["learner"] = "ot" if "ot" in options else "sinkhorn"
-        kwargs.update({"scope": part for part in options if part in ("layer", "block", "model")})
+        kwargs.update({"scope": part for part in options if part in ("layer", "model")})
     return kwargs
 
 

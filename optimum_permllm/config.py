@@ -25,6 +25,17 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"PermLLMConfig: {name}={value!r} is not supported; choose one of {list(choices)}.")
 
 
+def _check_scope(scope: Any, pruned: bool) -> None:
+    """The scope must be one of SCOPES; a checkpoint's record of the removed "block" scope is accepted."""
+    if scope == "block" and pruned:
+        return
+    if scope == "block":
+        raise ValueError("PermLLMConfig: scope='block' was removed: learned on the decoder layer's output it did not "
+                         "beat the heuristic permutation on held-out text (BENCHMARKS.md, \"Block scope\"). Use "
+                         "scope='layer' (the default) or 'model'.")
+    _check_choice("scope", scope, SCOPES)
+
+
 def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -44,7 +55,8 @@ class PermLLMConfig(QuantizationConfigMixin):
         permutation: "none", "heuristic" (RIA-style channel permutation) or "learned" (PermLLM).
         learner: for permutation="learned": "sinkhorn" (PermLLM) or "ot" (optimal-transport variant).
         scope: for permutation="learned": the objective, "layer" (output error of each linear group, from
-            the input Gram matrix), "block" (each decoder layer's output) or "model" (last hidden states).
+            the input Gram matrix) or "model" (last hidden states; needs the whole model on a GPU in practice).
+            A checkpoint pruned with the removed "block" scope still loads.
         block_size: channels per learnable permutation block (must divide the layer width).
         steps, lr: optimisation budget of the learned permutation (None: the method's default).
         damp: SparseGPT's (and "lsq"'s) dampening, added to the Hessian's diagonal as a fraction of its
@@ -128,7 +140,7 @@ class PermLLMConfig(QuantizationConfigMixin):
         _check_choice("metric", self.metric, METRICS)
         _check_choice("permutation", self.permutation, PERMUTATIONS)
         _check_choice("learner", self.learner, LEARNERS)
-        _check_choice("scope", self.scope, SCOPES)
+        _check_scope(self.scope, pruned=self.converted_modules is not None)
         _check_choice("fold_permutations", self.fold_permutations, FOLDING)
         _check_positive_int("block_size", self.block_size)
         _check_positive_int("steps", self.steps, allow_none=True)

@@ -6,5 +6,5 @@ The command line builds its `--help` from these, so they live apart from `config
 METRICS = ("magnitude", "wanda", "ria", "gram", "sparsegpt", "lsq")
 PERMUTATIONS = ("none", "heuristic", "learned")
 LEARNERS = ("sinkhorn", "ot")
-SCOPES = ("layer", "block", "model")
+SCOPES = ("layer", "model")
 FOLDING = (True, False, "all")

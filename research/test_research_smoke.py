@@ -78,3 +78,14 @@ def test_bench_layer_damage_scores_each_layer_and_the_joint_model(tmp_path):
     joint = [json.loads(line) for line in run_script("bench_layer_damage.py", *common, "--joint").splitlines()
              if line.startswith("{")]
     assert [r["method"] for r in joint] == ["heuristic", "learned"] and all(r["perplexity"] > 1 for r in joint)
+
+
+def test_block_scope_windows_compares_learned_permutations_with_the_heuristic_per_window(tmp_path):
+    save_tiny_dense(tmp_path / "tiny", family="llama")
+    out = run_script("block_scope_windows.py", "--model", str(tmp_path / "tiny"), "--layers", "1", "--cal-windows", "3",
+                     "--heldout-windows", "2", "--windows", "3", "--steps", "2", "--seq-len", "32")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert rows and all(r["layer"] == 1 for r in rows)
+    for r in rows:  # the block scope keeps the best permutation on its own windows: never above the heuristic there
+        assert float(r["cal/mean"]["block3"]) <= float(r["cal/mean"]["heuristic"]) + 1e-6
+        assert r["heldout/block3-heuristic"]["lower_on"].endswith("/2")

@@ -79,13 +79,21 @@ def test_string_modules_to_not_convert_leaves_that_layer_dense():
     assert type(model.model.layers[0].self_attn.q_proj) is not torch.nn.Linear
 
 
+def test_the_removed_block_scope_is_refused_for_pruning_but_a_checkpoint_pruned_with_it_loads():
+    with pytest.raises(ValueError, match="scope='block' was removed.*scope='layer'"):
+        PermLLMConfig(permutation="learned", scope="block")
+    record = PermLLMConfig(permutation="learned").to_dict()
+    record.update(scope="block", converted_modules=["model.layers.0.mlp.up_proj"])
+    assert PermLLMConfig.from_dict(record).scope == "block"
+
+
 @pytest.mark.parametrize("dataset", ["", "   "])
 def test_empty_dataset_name_is_refused(dataset):
     with pytest.raises(ValueError, match="dataset='' names no calibration text"):
         PermLLMConfig(dataset=dataset)
 
 
-@pytest.mark.parametrize("settings", [dict(learner="ot"), dict(scope="block"), dict(block_size=32), dict(steps=5),
+@pytest.mark.parametrize("settings", [dict(learner="ot"), dict(scope="model"), dict(block_size=32), dict(steps=5),
                                       dict(lr=0.1)])
 @pytest.mark.parametrize("permutation", ["none", "heuristic"])
 def test_learned_only_settings_with_another_permutation_are_warned_about(settings, permutation):

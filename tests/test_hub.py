@@ -58,9 +58,9 @@ def test_card_metadata_and_content(sparse_model):
 
 def test_card_describes_permutation_and_calibration_settings(sparse_model):
     sparse_model.config.quantization_config = PermLLMConfig(metric="wanda", permutation="learned", learner="ot",
-                                                            scope="block", num_samples=16, seq_len=256, seed=3)
+                                                            scope="model", num_samples=16, seq_len=256, seed=3)
     text = hub.create_model_card(sparse_model, base_model=BASE, license="mit").text
-    assert "learned (learner=ot, scope=block, block_size=64" in text
+    assert "learned (learner=ot, scope=model, block_size=64" in text
     assert "16 sequences of 256 tokens (seed 3)" in text and "offline Wikipedia" in text
     assert "No evaluation results" in text
 

@@ -391,8 +391,8 @@ def learn_permutation(
     flips many weakly pushed entries at once, which moves a good initialisation away from its optimum).
     `init_bias` (logit units) is added to the diagonal so the first changes need a consistent push.
     `refine_rounds` rounds of exact greedy swaps (algorithms.swap_refinement) then polish the best
-    permutation on the `layer` objective (needs `gram`). With a custom `loss_fn` (the `block` and `model`
-    scopes) there is no polish: the swap search can only search the Gram objective, and letting the
+    permutation on the `layer` objective (needs `gram`). With a custom `loss_fn` (such as the `model` scope)
+    there is no polish: the swap search can only search the Gram objective, and letting the
     scope accept or reject its result would be a Gram search, not the scope's; the Sinkhorn or OT
     steps are the scope's whole search, so everything it keeps was chosen on its own objective.
     """

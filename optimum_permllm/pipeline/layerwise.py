@@ -159,7 +159,7 @@ def _check_model_scope(plan: PruningPlan, layers, device: torch.device) -> None:
         raise ValueError(
             f"scope='model' runs all later decoder layers at every learning step, so the whole model must be loaded "
             f"on the pruning device ({device}); its layers are on {where}. Load the model on that device without "
-            "offloading, or use scope='layer' or 'block', which need one layer at a time."
+            "offloading, or use scope='layer', which needs one layer at a time."
         )
 
 

@@ -1,16 +1,17 @@
-"""Objectives of the learned permutation beyond one linear group: the `block` and `model` scopes.
+"""The objective of the learned permutation beyond one linear group: the `model` scope.
 
-Both are `loss_fn`s for `learn_permutation`: they receive the group's candidate pruned weights
+`ScopeObjective` is a `loss_fn` for `learn_permutation`: it receives the group's candidate pruned weights
 (original column order) and return 1 - cosine similarity, averaged over tokens, between an output
 computed with those weights and the same output of the dense layer, on SCOPE_WINDOWS cached calibration
 windows (the inputs of the current layer, i.e. the outputs of the already-pruned previous layers).
 The cosine is taken after dividing every feature by its RMS in the dense output: an LLM's residual
 stream keeps most of its energy in a few massive dimensions, and a plain cosine would see only those.
 
-- `block`: the decoder layer's output. The layer's OTHER groups stay dense, so every group's problem
-  is independent of the others (same result in any order, and groups can be learned in parallel).
 - `model`: the last hidden states, through the remaining decoder layers (dense) and the final norm
-  when given. Costs (number of remaining layers) times the `block` scope per step.
+  when given; the layer's other groups stay dense, so the groups' problems are independent.
+- With no later layers it is the decoder layer's own output: this was the `block` scope, removed because
+  it did not beat the heuristic permutation on held-out text (BENCHMARKS.md, "Block scope");
+  research/block_scope_windows.py still measures it.
 
 The weights are substituted with `torch.func.functional_call`, so the model is never modified; the
 model's own parameters are passed detached, so no gradient accumulates in them.
@@ -27,10 +28,11 @@ from ..options import SCOPES
 from .capture import CalibrationCache, LayerCall
 
 # Calibration windows (sequences) a scope objective is scored on; all cached ones if fewer. On
-# SmolLM2-135M (512-token windows, research/block_scope_windows.py, BENCHMARKS.md "Block scope: windows
-# and held-out loss"), a block-scope permutation learned on 2 windows was worse than the heuristic on
-# held-out text in 3 of 8 groups (it fitted the 2 windows' noise), one learned on 16 windows in none; a
-# paired per-window difference of 1% of the loss needs about 4-8 windows to exceed 2 standard errors.
+# SmolLM2-135M (512-token windows, research/block_scope_windows.py, BENCHMARKS.md "Block scope"), the
+# per-window difference between two permutations' losses has a standard deviation of 0.4-2.4% of the
+# loss, so 16 windows tell apart differences of about 1.2% at 2 standard errors where 2 windows need
+# 3.3%; permutations learned on 2 windows were worse than the heuristic on held-out text in 4 of 12
+# groups, on 16 windows in none. All cached windows (128 of 2048 tokens by default) would cost 32x more.
 SCOPE_WINDOWS = 16
 
 
@@ -64,7 +66,7 @@ class ScopeObjective:
     dense output's per-feature RMS, over the first cached batches that hold `windows` sequences (all if fewer).
 
     `names` are the group's linears (qualified inside `layer`); `later` are the decoder layers run
-    after `layer` (empty for the `block` scope) with their indices, and `final_norm` the module applied
+    after `layer` (empty: the layer's own output) with their indices, and `final_norm` the module applied
     to the last hidden states (model scope only, optional).
     """
 
@@ -117,11 +119,10 @@ def scope_loss_fn(scope: str, layer: nn.Module, index: int, cache: CalibrationCa
                   windows: int = SCOPE_WINDOWS, later_layers: Sequence[nn.Module] = (), final_norm: nn.Module | None = None):
     """The `loss_fn` of `scope` for one group, or None for `layer` (learn_permutation's exact Gram objective).
 
-    `later_layers` are all the decoder layers after `index` (used by the `model` scope only).
+    `later_layers` are all the decoder layers after `index` (the `model` scope runs them).
     """
     if scope not in SCOPES:
         raise ValueError(f"Unknown scope {scope!r}; valid scopes: {', '.join(SCOPES)}.")
     if scope == "layer":
         return None
-    later = list(enumerate(later_layers, start=index + 1)) if scope == "model" else []
-    return ScopeObjective(layer, index, cache, names, windows, later, final_norm if scope == "model" else None)
+    return ScopeObjective(layer, index, cache, names, windows, list(enumerate(later_layers, start=index + 1)), final_norm)

@@ -19,7 +19,7 @@ def test_method_names_map_to_config_arguments():
     assert parse("wanda") == {"metric": "wanda", "permutation": "none"}
     assert parse("ria+cp") == {"metric": "ria", "permutation": "heuristic"}
     assert parse("sparsegpt+learned") == {"metric": "sparsegpt", "permutation": "learned", "learner": "sinkhorn"}
-    assert parse("wanda+learned-ot-block") == {"metric": "wanda", "permutation": "learned", "learner": "ot", "scope": "block"}
+    assert parse("wanda+learned-ot-model") == {"metric": "wanda", "permutation": "learned", "learner": "ot", "scope": "model"}
 
 
 def test_table_reports_the_share_of_the_wanda_gap_closed():

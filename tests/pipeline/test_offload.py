@@ -156,6 +156,6 @@ def test_model_scope_needs_every_layer_on_the_pruning_device(where):
         model = cpu_offload(model, execution_device=CPU)
     else:
         device = "meta"
-    with pytest.raises(ValueError, match=r"scope='model'.*whole model.*scope='layer' or 'block'"):
+    with pytest.raises(ValueError, match=r"scope='model'.*whole model.*scope='layer', which needs one layer"):
         sparsify_layerwise(model, _ids(), config.to_plan(), progress=False, device=device)
     assert _sparse_count(model) == 0

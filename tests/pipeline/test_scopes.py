@@ -1,5 +1,6 @@
-"""Block and model scope objectives: definition (functional substitution == editing the layer), zero at
-the dense weights, gradients reach only the candidate weights, and learning never loses on the scope."""
+"""Scope objectives (a decoder layer's output, and the model scope's last hidden states): definition
+(functional substitution == editing the layer), zero at the dense weights, the windows scored, gradients
+reach only the candidate weights, and learning never loses on the scope."""
 
 import copy
 
@@ -10,7 +11,7 @@ from optimum_permllm.algorithms.learned_permutation import learn_permutation
 from optimum_permllm.algorithms.heuristic_permutation import heuristic_permutation
 from optimum_permllm.algorithms.scores import wanda_scores
 from optimum_permllm.pipeline.capture import capture
-from optimum_permllm.pipeline.scopes import cosine_loss, feature_scale, scope_loss_fn
+from optimum_permllm.pipeline.scopes import ScopeObjective, cosine_loss, feature_scale, scope_loss_fn
 from optimum_permllm.pipeline.structure import find_decoder_layers
 from optimum_permllm.sparse.nm import nm_mask
 
@@ -53,13 +54,16 @@ def _reference(layers, cache, index, pruned, through, batches=2):
     return float(torch.stack(losses).mean())
 
 
-@pytest.mark.parametrize("scope", ["block", "model"])
+@pytest.mark.parametrize("scope", ["layer output", "model"])
 def test_scope_loss_is_the_cosine_loss_of_the_edited_layer(setup, scope):
     model, layers, cache = setup
-    loss_fn = scope_loss_fn(scope, layers[0], 0, cache, GROUP, windows=2, later_layers=layers[1:])
+    if scope == "model":
+        loss_fn = scope_loss_fn(scope, layers[0], 0, cache, GROUP, windows=2, later_layers=layers[1:])
+    else:
+        loss_fn = ScopeObjective(layers[0], 0, cache, GROUP, windows=2)
     dense = [layers[0].get_submodule(name).weight.detach() for name in GROUP]
     assert float(loss_fn(dense)) == pytest.approx(0.0, abs=1e-6)
-    through = 0 if scope == "block" else len(layers) - 1
+    through = 0 if scope == "layer output" else len(layers) - 1
     value = float(loss_fn(_pruned(layers[0])))
     assert value > 1e-5 and value == pytest.approx(_reference(layers, cache, 0, _pruned(layers[0]), through), rel=1e-4)
 
@@ -69,14 +73,13 @@ def test_scope_objective_is_scored_on_the_first_batches_holding_enough_windows(s
     model, layers, _ = setup
     ids = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(2))
     cache = capture(model, layers, ids, batch_size=2, device="cpu")  # 3 batches of 2 windows
-    loss_fn = scope_loss_fn("block", layers[0], 0, cache, GROUP, windows=windows)
-    expected = _reference(layers, cache, 0, _pruned(layers[0]), 0, batches)
-    assert float(loss_fn(_pruned(layers[0]))) == pytest.approx(expected, rel=1e-4)
+    loss_fn = scope_loss_fn("model", layers[0], 0, cache, GROUP, windows=windows, later_layers=layers[1:])
+    value, last = float(loss_fn(_pruned(layers[0]))), len(layers) - 1
+    assert value == pytest.approx(_reference(layers, cache, 0, _pruned(layers[0]), last, batches), rel=1e-4)
     if batches < 3:  # fewer batches give a different value, so the count is really checked
-        assert float(loss_fn(_pruned(layers[0]))) != pytest.approx(_reference(layers, cache, 0, _pruned(layers[0]), 0, 3),
-                                                                   rel=1e-4)
+        assert value != pytest.approx(_reference(layers, cache, 0, _pruned(layers[0]), last, 3), rel=1e-4)
     with pytest.raises(ValueError, match="windows >= 1"):
-        scope_loss_fn("block", layers[0], 0, cache, GROUP, windows=0)
+        scope_loss_fn("model", layers[0], 0, cache, GROUP, windows=0)
 
 
 def test_gradients_reach_the_candidates_and_never_the_model(setup):
@@ -91,11 +94,12 @@ def test_gradients_reach_the_candidates_and_never_the_model(setup):
 def test_layer_scope_uses_the_gram_objective_and_unknown_scopes_fail(setup):
     _, layers, cache = setup
     assert scope_loss_fn("layer", layers[0], 0, cache, GROUP) is None
-    with pytest.raises(ValueError, match="valid scopes"):
-        scope_loss_fn("global", layers[0], 0, cache, GROUP)
+    for removed in ("block", "global"):
+        with pytest.raises(ValueError, match="valid scopes: layer, model"):
+            scope_loss_fn(removed, layers[0], 0, cache, GROUP)
 
 
-def test_learning_on_the_block_scope_never_loses_to_its_init(setup):
+def test_learning_on_the_model_scope_never_loses_to_its_init(setup):
     torch.set_num_threads(1)
     _, layers, cache = setup
     layer = layers[1]
@@ -103,7 +107,9 @@ def test_learning_on_the_block_scope_never_loses_to_its_init(setup):
     gram, norms = x.T @ x / 64, x.norm(dim=0)
     weights = [layer.get_submodule(name).weight.detach() for name in GROUP]
     init = heuristic_permutation(torch.cat([wanda_scores(w, norms) for w in weights]), 2, 4)
-    loss_fn = scope_loss_fn("block", layer, 1, cache, GROUP)
+    with torch.no_grad():
+        cache.hidden = [cache.call_for(0, h).run(layers[0], h) for h in cache.hidden]  # layer 1's inputs
+    loss_fn = scope_loss_fn("model", layer, 1, cache, GROUP, later_layers=layers[2:])
     result = learn_permutation(weights, gram, norms, 2, 4, init_perm=init, block_size=32, steps=3, refine_rounds=2,
                                loss_fn=loss_fn)
     assert result.best_loss <= result.init_loss
