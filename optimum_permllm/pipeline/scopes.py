@@ -1,7 +1,7 @@
 """The objective of the learned permutation beyond one linear group: the `model` scope.
 
 `ScopeObjective` is a `loss_fn` for `learn_permutation`: it receives the group's candidate pruned weights
-(original column order) and return 1 - cosine similarity, averaged over tokens, between an output
+(original column order) and returns 1 - cosine similarity, averaged over tokens, between an output
 computed with those weights and the same output of the dense layer, on SCOPE_WINDOWS cached calibration
 windows (the inputs of the current layer, i.e. the outputs of the already-pruned previous layers).
 The cosine is taken after dividing every feature by its RMS in the dense output: an LLM's residual
