@@ -30,9 +30,12 @@ def parse_method(method: str) -> dict:
     if method == "dense":
         return {}
     metric, _, perm = method.partition("+")
-    kwargs = {"metric": metric, "permutation": {"": "none", "cp": "heuristic"}.get(perm, "learned")}
-    if perm.startswith("learned"):
-        options = perm.split("-")[1:]  # e.g. learned-ot-model
+    kind, *options = perm.split("-")  # e.g. learned-ot-model
+    unknown = [part for part in options if part not in ("ot", "layer", "model")] if kind == "learned" else options
+    if kind not in ("", "cp", "learned") or unknown:
+        raise ValueError(f"Unknown method {method!r}: write METRIC[+cp|+learned[-ot][-layer|-model]], e.g. wanda+cp.")
+    kwargs = {"metric": metric, "permutation": {"": "none", "cp": "heuristic", "learned": "learned"}[kind]}
+    if kind == "learned":
         kwargs["learner"] = "ot" if "ot" in options else "sinkhorn"
         kwargs.update({"scope": part for part in options if part in ("layer", "model")})
     return kwargs

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 # Convergence: stop when every row's preconditioned residual has fallen below TOLERANCE times its start
-# (SmolLM2 layers reach the exact solve's held-out error to 4 digits in 10-25 iterations, BENCHMARKS.md).
+# (on SmolLM2's layer-15 linears this matches an exact Cholesky solve to 4 digits of held-out error:
+# research/refit_solver_check.py); MAX_ITERATIONS bounds the cost of a badly conditioned layer.
 TOLERANCE = 1e-3
 MAX_ITERATIONS = 100
 

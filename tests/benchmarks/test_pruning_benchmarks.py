@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 
 
@@ -20,6 +22,9 @@ def test_method_names_map_to_config_arguments():
     assert parse("ria+cp") == {"metric": "ria", "permutation": "heuristic"}
     assert parse("sparsegpt+learned") == {"metric": "sparsegpt", "permutation": "learned", "learner": "sinkhorn"}
     assert parse("wanda+learned-ot-model") == {"metric": "wanda", "permutation": "learned", "learner": "ot", "scope": "model"}
+    for wrong in ("wanda+learned-block", "wanda+heuristic", "wanda+cp-ot"):
+        with pytest.raises(ValueError, match="Unknown method"):
+            parse(wrong)
 
 
 def test_table_reports_the_share_of_the_wanda_gap_closed():
