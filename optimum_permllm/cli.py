@@ -119,7 +119,7 @@ def _prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=64, help="channels per learned permutation block")
     parser.add_argument("--steps", type=int, default=None, help="optimisation steps of the learned permutation")
     parser.add_argument("--damp", type=float, default=0.01,
-                        help="SparseGPT dampening (default: 0.01; raise it if the Hessian is not positive definite)")
+                        help="SparseGPT and lsq dampening (default: 0.01; raise it if the Hessian is not positive definite)")
     parser.add_argument("--dataset", default=None,
                         help="calibration text: a Hub dataset name, a text file (default: offline Wikipedia)")
     parser.add_argument("--num-samples", type=int, default=128, help="calibration sequences (default: 128)")
