@@ -1,11 +1,14 @@
 """Does one permutation per linear (q, k, v and gate, up each their own) still pay on top of the Gram mask?
 
-For every group of linears sharing an input (q/k/v, gate/up) in a few decoder layers, the group is
-pruned 2:4 after (a) the group's one shared heuristic permutation and (b) one heuristic permutation per
-member, each computed on that member's own Wanda scores |W| * feature norms with the same LSA block rule
-as `pipeline.planning.plan_group`; each with Wanda's mask and with the Gram mask (mu = 0.3) chosen in
-the member's own order. Scores: relative output error tr(D G D^T) / tr(W G W^T), mean over the members,
-on the calibration Gram matrix and on a held-out one (`gram_mask_headroom.layer_groups`).
+For every group of linears sharing an input (q/k/v, gate/up) in a few decoder layers, every way of
+splitting the group's members into blocks that each share one input permutation is scored: from one
+permutation for the whole group ("q+k+v", today's structure) to one per linear ("q|k|v"), with mixes
+such as "q+k|v". Each block's permutation is the heuristic one on its members' Wanda scores |W| * feature
+norms, with the same LSA block rule as `pipeline.planning.plan_group`; each member is then pruned 2:4 in
+its block's order with Wanda's mask and with the Gram mask (mu = 0.3 by default). Scores: relative output
+error tr(D G D^T) / tr(W G W^T), mean over the members, as [calibration, held-out, held-out diagonal part]
+(`gram_mask_headroom.layer_groups` gives the two Gram matrices); "member/x" is member x's held-out error
+under the shared permutation and under its own.
 
     OMP_NUM_THREADS=1 python research/per_linear_headroom.py --layers 3 15 27 --num-samples 64
 """
@@ -13,6 +16,7 @@ on the calibration Gram matrix and on a held-out one (`gram_mask_headroom.layer_
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -23,23 +27,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gram_mask_headroom import errors, gram_keeps, layer_groups, wanda_keeps  # noqa: E402
 
-from optimum_permllm import PermLLMConfig  # noqa: E402
 from optimum_permllm.algorithms.gram_mask import DEFAULT_MU  # noqa: E402
 from optimum_permllm.algorithms.heuristic_permutation import heuristic_permutation  # noqa: E402
 from optimum_permllm.data.calibration import get_calibration_data, get_evaluation_text  # noqa: E402
-from optimum_permllm.pipeline.planning import LSA_BLOCK, plan_group  # noqa: E402
+from optimum_permllm.pipeline.planning import LSA_BLOCK  # noqa: E402
 
 
-def own_permutation(w, norms, n, m):
-    """The heuristic permutation of one linear on its own Wanda scores, with plan_group's LSA block rule."""
-    groups = w.shape[1] // m
-    return heuristic_permutation(w.abs() * norms, n, m, max_groups_per_lsa=LSA_BLOCK if groups > 4 * LSA_BLOCK else None)
+def heuristic_perm(ws, norms, n, m):
+    """The heuristic permutation shared by `ws` on their Wanda scores, as `plan_group` chooses it."""
+    groups = ws[0].shape[1] // m
+    scores = torch.cat([w.abs() * norms for w in ws])
+    return heuristic_permutation(scores, n, m, max_groups_per_lsa=LSA_BLOCK if groups > 4 * LSA_BLOCK else None)
 
 
-def per_member_errors(ws, perms, keeps_fn, g, gh):
-    """`errors` with each member in its own order: (cal, held-out, held-out diagonal), mean over members."""
-    parts = [errors([w], p, keeps_fn(w, p), g, gh) for w, p in zip(ws, perms)]
-    return tuple(round(sum(x[i] for x in parts) / len(parts), 5) for i in range(3))
+def partitions(items):
+    """Every way of splitting `items` (a tuple) into non-empty blocks, as tuples of tuples."""
+    if len(items) <= 1:
+        yield (items,) if items else ()
+        return
+    first, rest = items[0], items[1:]
+    for part in partitions(rest):
+        yield ((first,),) + part
+        for i in range(len(part)):
+            yield part[:i] + ((first,) + part[i],) + part[i + 1:]
+
+
+def member_errors(ws, norms, g, gh, n, m, mu):
+    """{mask: {(block, member): (cal, held-out, held-out diagonal)}}: every member's errors under the
+    heuristic permutation of every block (subset of the members) it can belong to."""
+    out = {"wanda": {}, f"gram{mu}": {}}
+    for size in range(1, len(ws) + 1):
+        for block in itertools.combinations(range(len(ws)), size):
+            perm = heuristic_perm([ws[i] for i in block], norms, n, m)
+            for i in block:
+                w = [ws[i]]
+                out["wanda"][block, i] = errors(w, perm, wanda_keeps(w, norms, perm, n, m), g, gh)
+                out[f"gram{mu}"][block, i] = errors(w, perm, gram_keeps(w, g, norms, perm, n, m, mu), g, gh)
+    return out
 
 
 def main():
@@ -63,22 +87,21 @@ def main():
     ho = layer_groups(model, get_calibration_data([get_evaluation_text()], tok, args.num_samples, args.seq_len,
                                                   seed=0), wanted)
     n, m, mu = 2, 4, args.mu
-    plan = PermLLMConfig(metric="wanda", permutation="heuristic").to_plan()
     for layer in args.layers:
         for (names, ws, stats), (_, _, stats_ho) in zip(cal[layer], ho[layer]):
             if len(ws) < 2:
                 continue
-            g, gh, norms = stats.gram(), stats_ho.gram(), stats.feature_norms()
-            shared = plan_group(dict(zip(names, ws)), stats, plan).perm
-            own = [own_permutation(w, norms, n, m) for w in ws]
-            row = {"layer": layer, "group": "+".join(x.split(".")[-1] for x in names),
-                   "wanda/shared": errors(ws, shared, wanda_keeps(ws, norms, shared, n, m), g, gh),
-                   "wanda/per-linear": per_member_errors(ws, own, lambda w, p: wanda_keeps([w], norms, p, n, m), g, gh),
-                   f"gram{mu}/shared": errors(ws, shared, gram_keeps(ws, g, norms, shared, n, m, mu), g, gh),
-                   f"gram{mu}/per-linear": per_member_errors(
-                       ws, own, lambda w, p: gram_keeps([w], g, norms, p, n, m, mu), g, gh)}
+            short = [x.split(".")[-1].removesuffix("_proj") for x in names]
+            errs = member_errors(ws, stats.feature_norms(), stats.gram(), stats_ho.gram(), n, m, mu)
+            row = {"layer": layer, "group": "+".join(x.split(".")[-1] for x in names)}
+            for mask, by_member in errs.items():
+                for part in partitions(tuple(range(len(ws)))):
+                    label = "|".join("+".join(short[i] for i in block) for block in part)
+                    values = [by_member[block, i] for block in part for i in block]
+                    row[f"{mask}/{label}"] = [round(sum(v[k] for v in values) / len(ws), 5) for k in range(3)]
+                for i, name in enumerate(short):  # each member's held-out error: shared vs its own permutation
+                    row[f"{mask}/member/{name}"] = [by_member[tuple(range(len(ws))), i][1], by_member[(i,), i][1]]
             print(json.dumps(row), flush=True)
-
 
 if __name__ == "__main__":
     main()

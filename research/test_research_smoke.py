@@ -89,3 +89,19 @@ def test_block_scope_windows_compares_learned_permutations_with_the_heuristic_pe
     for r in rows:  # the block scope keeps the best permutation on its own windows: never above the heuristic there
         assert float(r["cal/mean"]["block3"]) <= float(r["cal/mean"]["heuristic"]) + 1e-6
         assert r["heldout/block3-heuristic"]["lower_on"].endswith("/2")
+
+
+def test_per_linear_headroom_scores_shared_and_per_linear_permutations_of_a_tiny_model(tmp_path):
+    save_tiny_dense(tmp_path / "tiny", family="llama")
+    out = run_script("per_linear_headroom.py", "--model", str(tmp_path / "tiny"), "--layers", "1",
+                     "--num-samples", "2", "--seq-len", "32", "--mu", "0")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["group"] for r in rows] == ["q_proj+k_proj+v_proj", "gate_proj+up_proj"]  # shared-input groups only
+    for r in rows:
+        shared, split = ("q+k+v", "q|k|v") if r["group"].startswith("q") else ("gate+up", "gate|up")
+        splits = [key for key in r if key.startswith("wanda/") and "/member/" not in key]
+        assert len(splits) == (5 if len(shared.split("+")) == 3 else 2)  # every partition of the members
+        for perm in (shared, split):
+            wanda, gram = r[f"wanda/{perm}"], r[f"gram0.0/{perm}"]
+            assert all(0 < x < 1 for x in wanda + gram)
+            assert gram[0] <= wanda[0] + 1e-5  # at mu = 0 the Gram mask never raises the calibration error
