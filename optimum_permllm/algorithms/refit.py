@@ -5,8 +5,8 @@ For a row w, a kept set K and inputs with Gram matrix G, the kept values that mi
 can only move columns to the right of the one being pruned; here every row's system is solved to
 convergence, on a damped G (as SparseGPT damps its Hessian) so that it stays well posed. The solver is
 conjugate gradients with a Jacobi preconditioner, all rows at once: each iteration is one [rows, C] x
-[C, C] product with the kept positions masked, so it stays in SparseGPT's cost class, and it only ever
-lowers the error of its starting point, the unchanged kept weights.
+[C, C] product with the kept positions masked (about the multiply-adds of SparseGPT's whole sweep over
+the layer), and it only ever lowers the error of its starting point, the unchanged kept weights.
 """
 
 from __future__ import annotations
