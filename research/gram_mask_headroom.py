@@ -46,6 +46,21 @@ def layer_groups(model, samples, layers_wanted):
     return out
 
 
+def calibration_and_heldout_groups(model_source, layers, num_samples, seed, seq_len=512):
+    """(calibration, held-out) `layer_groups` of the wanted layers of a model (default: the offline
+    SmolLM2-135M): calibration windows drawn with `seed`, held-out windows from the evaluation text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimum_permllm.data.assets import smollm2_model_dir
+
+    source = model_source or str(smollm2_model_dir())
+    tok = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    cal = layer_groups(model, get_calibration_data(None, tok, num_samples, seq_len, seed=seed), set(layers))
+    ho = layer_groups(model, get_calibration_data([get_evaluation_text()], tok, num_samples, seq_len, seed=0), set(layers))
+    return cal, ho
+
+
 def errors(ws, perm, keeps, g_cal, g_ho):
     """(calibration, held-out, held-out diagonal part) relative errors, mean over the members."""
     cal = ho = diag = 0.0
@@ -129,16 +144,7 @@ def main():
     ap.add_argument("--search-seconds", type=float, default=0, help="joint swap search per group (0: skip)")
     ap.add_argument("--search-mu", type=float, default=0.0)
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from optimum_permllm.data.assets import smollm2_model_dir
-
-    source = args.model or str(smollm2_model_dir())
-    tok = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    cal = layer_groups(model, get_calibration_data(None, tok, args.num_samples, 512, seed=args.seed), set(args.layers))
-    ho = layer_groups(model, get_calibration_data([get_evaluation_text()], tok, args.num_samples, 512, seed=0),
-                      set(args.layers))
+    cal, ho = calibration_and_heldout_groups(args.model, args.layers, args.num_samples, args.seed)
     n, m = 2, 4
     for layer in args.layers:
         for (names, ws, stats), (_, _, stats_ho) in zip(cal[layer], ho[layer]):

@@ -25,11 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gram_mask_headroom import errors, gram_keeps, layer_groups, wanda_keeps  # noqa: E402
+from gram_mask_headroom import calibration_and_heldout_groups, errors, gram_keeps, wanda_keeps  # noqa: E402
 
 from optimum_permllm.algorithms.gram_mask import DEFAULT_MU  # noqa: E402
 from optimum_permllm.algorithms.heuristic_permutation import heuristic_permutation  # noqa: E402
-from optimum_permllm.data.calibration import get_calibration_data, get_evaluation_text  # noqa: E402
 from optimum_permllm.pipeline.planning import LSA_BLOCK  # noqa: E402
 
 
@@ -75,17 +74,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mu", type=float, default=DEFAULT_MU)
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from optimum_permllm.data.assets import smollm2_model_dir
-
-    source = args.model or str(smollm2_model_dir())
-    tok = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    wanted = set(args.layers)
-    cal = layer_groups(model, get_calibration_data(None, tok, args.num_samples, args.seq_len, seed=args.seed), wanted)
-    ho = layer_groups(model, get_calibration_data([get_evaluation_text()], tok, args.num_samples, args.seq_len,
-                                                  seed=0), wanted)
+    cal, ho = calibration_and_heldout_groups(args.model, args.layers, args.num_samples, args.seed, args.seq_len)
     n, m, mu = 2, 4, args.mu
     for layer in args.layers:
         for (names, ws, stats), (_, _, stats_ho) in zip(cal[layer], ho[layer]):

@@ -15,11 +15,10 @@ import time
 
 import torch
 
-from gram_mask_headroom import layer_groups
+from gram_mask_headroom import calibration_and_heldout_groups
 from optimum_permllm.algorithms.heuristic_permutation import heuristic_permutation
 from optimum_permllm.algorithms.refit import damped_gram, refit_kept
 from optimum_permllm.algorithms.sparsegpt import sparsegpt_prune
-from optimum_permllm.data.calibration import get_calibration_data, get_evaluation_text
 
 
 def exact_refit(w: torch.Tensor, g: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
@@ -47,16 +46,7 @@ def main():
     ap.add_argument("--layers", type=int, nargs="+", default=[15])
     ap.add_argument("--num-samples", type=int, default=64)
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from optimum_permllm.data.assets import smollm2_model_dir
-
-    source = args.model or str(smollm2_model_dir())
-    tok = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    cal = layer_groups(model, get_calibration_data(None, tok, args.num_samples, 512, seed=0), set(args.layers))
-    ho = layer_groups(model, get_calibration_data([get_evaluation_text()], tok, args.num_samples, 512, seed=0),
-                      set(args.layers))
+    cal, ho = calibration_and_heldout_groups(args.model, args.layers, args.num_samples, 0)
     for layer in args.layers:
         for (names, ws, stats), (_, _, stats_ho) in zip(cal[layer], ho[layer]):
             g, gh = stats.gram(), stats_ho.gram()

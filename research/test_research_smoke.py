@@ -105,3 +105,14 @@ def test_per_linear_headroom_scores_shared_and_per_linear_permutations_of_a_tiny
             wanda, gram = r[f"wanda/{perm}"], r[f"gram0.0/{perm}"]
             assert all(0 < x < 1 for x in wanda + gram)
             assert gram[0] <= wanda[0] + 1e-5  # at mu = 0 the Gram mask never raises the calibration error
+
+
+def test_weight_update_headroom_refit_never_raises_the_calibration_error_of_its_mask(tmp_path):
+    save_tiny_dense(tmp_path / "tiny", family="llama")
+    out = run_script("weight_update_headroom.py", "--model", str(tmp_path / "tiny"), "--layers", "1",
+                     "--num-samples", "2", "--seq-len", "32", "--damps", "0.01")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(rows) == 4  # q/k/v, o, gate/up, down
+    for r in rows:
+        for mask in ("sparsegpt", "wanda", "gram0.3", "gram0"):
+            assert r[f"{mask}/refit0.01"][0] <= r[f"{mask}/none"][0] + 1e-4  # on calibration, up to the damping

@@ -18,11 +18,10 @@ import time
 
 import torch
 
-from gram_mask_headroom import errors, gram_keeps, layer_groups, wanda_keeps
+from gram_mask_headroom import calibration_and_heldout_groups, errors, gram_keeps, wanda_keeps
 from optimum_permllm import PermLLMConfig
 from optimum_permllm.algorithms.refit import refit_kept
 from optimum_permllm.algorithms.sparsegpt import sparsegpt_prune
-from optimum_permllm.data.calibration import get_calibration_data, get_evaluation_text
 from optimum_permllm.pipeline.planning import plan_group
 
 
@@ -51,19 +50,11 @@ def main():
     ap.add_argument("--model", default=None)
     ap.add_argument("--layers", type=int, nargs="+", default=[3, 15, 27])
     ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--damps", type=float, nargs="+", default=[0.01, 0.1])
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from optimum_permllm.data.assets import smollm2_model_dir
-
-    source = args.model or str(smollm2_model_dir())
-    tok = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    cal = layer_groups(model, get_calibration_data(None, tok, args.num_samples, 512, seed=args.seed), set(args.layers))
-    ho = layer_groups(model, get_calibration_data([get_evaluation_text()], tok, args.num_samples, 512, seed=0),
-                      set(args.layers))
+    cal, ho = calibration_and_heldout_groups(args.model, args.layers, args.num_samples, args.seed, args.seq_len)
     n, m = 2, 4
     for layer in args.layers:
         for (names, ws, stats), (_, _, stats_ho) in zip(cal[layer], ho[layer]):
