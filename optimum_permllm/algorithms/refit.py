@@ -41,7 +41,8 @@ def refit_kept(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, dam
     kept = keep.to(w.device).float()
     x = w * kept
     residual = ((w - x) @ g) * kept  # minus the error's gradient / 2, on the kept positions
-    inverse_diagonal = 1.0 / torch.diagonal(g)
+    diagonal = torch.diagonal(g)
+    inverse_diagonal = torch.where(diagonal > 0, 1.0 / diagonal, torch.zeros_like(diagonal))  # a dead input stays put
     z = residual * inverse_diagonal
     direction = z.clone()
     rz = (residual * z).sum(1, keepdim=True)

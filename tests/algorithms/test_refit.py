@@ -48,12 +48,22 @@ def test_never_worse_than_no_update_or_sparsegpt_on_its_damped_gram():
     assert float(refit_error.sum()) < float(update_error(w, sparse, gd).sum())
 
 
-def test_dead_inputs_are_handled_by_the_dampening():
+@pytest.mark.parametrize("damp", [0.01, 0.0])
+def test_a_dead_input_gives_finite_weights_and_the_least_squares_fit_of_the_others(damp):
     x = correlated_inputs(8)
     x[:, 3] = 0
     w = torch.randn(4, 8, generator=torch.Generator().manual_seed(4))
     keep = nm_mask(w.abs(), 2, 4)
-    assert bool(torch.isfinite(refit_kept(w, x.T @ x / x.shape[0], keep)).all())
+    keep[:, 3], keep[:, 2] = True, False  # the dead input is kept in every row
+    new = refit_kept(w, x.T @ x / x.shape[0], keep, damp=damp)
+    assert bool(torch.isfinite(new).all())
+    if damp == 0:  # nothing to fit on the dead input: it keeps its value; the rest is the least-squares fit
+        torch.testing.assert_close(new[:, 3], w[:, 3])
+        for row in range(w.shape[0]):
+            kept = keep[row].nonzero().squeeze(1)
+            live = kept[kept != 3]
+            fit = torch.linalg.lstsq(x[:, live], (x @ w[row]).unsqueeze(1)).solution.squeeze(1)
+            torch.testing.assert_close(new[row, live], fit, atol=1e-4, rtol=1e-4)
 
 
 def test_bad_shapes_are_refused():
