@@ -46,6 +46,17 @@ def layer_groups(model, samples, layers_wanted):
     return out
 
 
+def group_parser(description: str, layers=(3, 15, 27)) -> argparse.ArgumentParser:
+    """The options every per-layer-group diagnostic takes: model, layers, calibration size and seed."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--layers", type=int, nargs="+", default=list(layers))
+    ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
 def calibration_and_heldout_groups(model_source, layers, num_samples, seed, seq_len=512):
     """(calibration, held-out) `layer_groups` of the wanted layers of a model (default: the offline
     SmolLM2-135M): calibration windows drawn with `seed`, held-out windows from the evaluation text."""
@@ -134,17 +145,13 @@ def joint_swap_search(ws, g, keeps, perm, n, m, mu, seconds, pairs_per_round=6, 
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--layers", type=int, nargs="+", default=[3, 15, 27])
-    ap.add_argument("--num-samples", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = group_parser(__doc__.splitlines()[0])
     ap.add_argument("--mus", type=float, nargs="+", default=[0.0, 0.1, 0.3, 1.0])
     ap.add_argument("--learned", action="store_true", help="also today's learned permutation (slow)")
     ap.add_argument("--search-seconds", type=float, default=0, help="joint swap search per group (0: skip)")
     ap.add_argument("--search-mu", type=float, default=0.0)
     args = ap.parse_args()
-    cal, ho = calibration_and_heldout_groups(args.model, args.layers, args.num_samples, args.seed)
+    cal, ho = calibration_and_heldout_groups(args.model, args.layers, args.num_samples, args.seed, args.seq_len)
     n, m = 2, 4
     for layer in args.layers:
         for (names, ws, stats), (_, _, stats_ho) in zip(cal[layer], ho[layer]):

@@ -15,7 +15,6 @@ under the shared permutation and under its own.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gram_mask_headroom import calibration_and_heldout_groups, errors, gram_keeps, wanda_keeps  # noqa: E402
+from gram_mask_headroom import calibration_and_heldout_groups, errors, gram_keeps, group_parser, wanda_keeps  # noqa: E402
 
 from optimum_permllm.algorithms.gram_mask import DEFAULT_MU  # noqa: E402
 from optimum_permllm.algorithms.heuristic_permutation import heuristic_permutation  # noqa: E402
@@ -66,12 +65,7 @@ def member_errors(ws, norms, g, gh, n, m, mu):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--layers", type=int, nargs="+", default=[3, 15, 27])
-    ap.add_argument("--num-samples", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = group_parser(__doc__.splitlines()[0])
     ap.add_argument("--mu", type=float, default=DEFAULT_MU)
     args = ap.parse_args()
     cal, ho = calibration_and_heldout_groups(args.model, args.layers, args.num_samples, args.seed, args.seq_len)

@@ -9,13 +9,12 @@ exact batched Cholesky solve of the same damped systems: calibration and held-ou
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 
-from gram_mask_headroom import calibration_and_heldout_groups
+from gram_mask_headroom import calibration_and_heldout_groups, group_parser
 from optimum_permllm.algorithms.heuristic_permutation import heuristic_permutation
 from optimum_permllm.algorithms.refit import damped_gram, refit_kept
 from optimum_permllm.algorithms.sparsegpt import sparsegpt_prune
@@ -41,12 +40,8 @@ def relative_error(w, new, g):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--layers", type=int, nargs="+", default=[15])
-    ap.add_argument("--num-samples", type=int, default=64)
-    args = ap.parse_args()
-    cal, ho = calibration_and_heldout_groups(args.model, args.layers, args.num_samples, 0)
+    args = group_parser(__doc__.splitlines()[0], layers=(15,)).parse_args()
+    cal, ho = calibration_and_heldout_groups(args.model, args.layers, args.num_samples, args.seed, args.seq_len)
     for layer in args.layers:
         for (names, ws, stats), (_, _, stats_ho) in zip(cal[layer], ho[layer]):
             g, gh = stats.gram(), stats_ho.gram()

@@ -12,13 +12,12 @@ dampenings of the refit. Also the heuristic permutation chosen on SparseGPT's OB
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 
-from gram_mask_headroom import calibration_and_heldout_groups, errors, gram_keeps, wanda_keeps
+from gram_mask_headroom import calibration_and_heldout_groups, errors, gram_keeps, group_parser, wanda_keeps
 from optimum_permllm import PermLLMConfig
 from optimum_permllm.algorithms.refit import refit_kept
 from optimum_permllm.algorithms.sparsegpt import sparsegpt_prune
@@ -46,12 +45,7 @@ def timed(fn):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--layers", type=int, nargs="+", default=[3, 15, 27])
-    ap.add_argument("--num-samples", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = group_parser(__doc__.splitlines()[0])
     ap.add_argument("--damps", type=float, nargs="+", default=[0.01, 0.1])
     args = ap.parse_args()
     cal, ho = calibration_and_heldout_groups(args.model, args.layers, args.num_samples, args.seed, args.seq_len)
