@@ -19,6 +19,8 @@ import itertools
 
 import torch
 
+from .refit import row_output_errors
+
 # mu: the held-out error of 12 SmolLM2 layer groups is lowest at 0.3 or within 0.5% of it (BENCHMARKS.md,
 # "Gram-chosen mask and permutation headroom, per layer group"). Sweeps: a budget; the descent stops
 # earlier when a sweep changes nothing.
@@ -41,8 +43,7 @@ def robust_gram(gram: torch.Tensor, mu: float) -> torch.Tensor:
 
 def output_error(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """[rows] exact output error d^T G d of each row pruned to `keep` (all in the same column order)."""
-    d = weight.float().masked_fill(keep, 0)
-    return (d * (d @ gram.float())).sum(-1)
+    return row_output_errors(weight.float().masked_fill(keep, 0), gram)
 
 
 @torch.no_grad()

@@ -59,3 +59,24 @@ def refit_kept(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, dam
         direction = z + rz_next / rz.clamp_min(torch.finfo(torch.float32).tiny) * direction
         rz = rz_next
     return x
+
+
+@torch.no_grad()
+def refit_best_of(weight: torch.Tensor, gram: torch.Tensor, keeps: list[torch.Tensor],
+                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refit `weight` on every candidate mask in `keeps` and keep, per row, the candidate whose refitted row
+    has the lowest output error on `gram`. Returns (float32 weights, bool mask), both [rows, C]."""
+    if not keeps:
+        raise ValueError("refit_best_of needs at least one candidate mask.")
+    w = weight.float()
+    fits = torch.stack([refit_kept(w, gram, keep, damp) for keep in keeps])  # [K, rows, C]
+    errors = torch.stack([row_output_errors(w - fit, gram) for fit in fits])  # [K, rows]
+    pick = errors.argmin(0)
+    rows = torch.arange(w.shape[0], device=w.device)
+    masks = torch.stack([keep.to(w.device) for keep in keeps])
+    return fits[pick, rows], masks[pick, rows]
+
+
+def row_output_errors(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """d_i G d_i^T for every row d_i of `delta` [rows, C]: each output's squared error on the Gram matrix."""
+    return (delta * (delta @ gram.float().to(delta.device))).sum(-1)

@@ -13,8 +13,8 @@ import torch
 
 from ..algorithms.gram_mask import gram_mask
 from ..algorithms.heuristic_permutation import head_shared_permutation, heuristic_permutation, retained_score
-from ..algorithms.refit import refit_kept
-from ..algorithms.scores import score_fn
+from ..algorithms.refit import refit_best_of
+from ..algorithms.scores import obs_feature_weights, score_fn
 from ..algorithms.sparsegpt import sparsegpt_prune
 from ..algorithms.statistics import InputStatistics
 from ..sparse.nm import nm_mask
@@ -48,7 +48,7 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, plan: P
     """
     n, m = plan.pattern.n, plan.pattern.m
     metric = plan.permutation_metric
-    norms = stats.feature_norms() if metric != "magnitude" else None
+    norms = _score_norms(stats, plan)
     dense = {name: w.detach().float() for name, w in weights.items()}
     scores = torch.cat([score_fn(metric)(w, norms) for w in dense.values()])
     width = scores.shape[1]
@@ -78,17 +78,27 @@ def learn_group_permutation(weights, stats, init_perm: torch.Tensor, plan: Pruni
     block = block_size_for(weights[0].shape[1], learning.block_size, plan.pattern.m)
     kwargs = {"steps": learning.steps} if learning.steps is not None else {}
     with torch.enable_grad():  # the pruning pass runs under no_grad; learning needs gradients
-        result = learn_permutation(weights, stats.gram(), stats.feature_norms(), plan.pattern.n, plan.pattern.m,
+        result = learn_permutation(weights, stats.gram(), _score_norms(stats, plan), plan.pattern.n, plan.pattern.m,
                                    metric=plan.permutation_metric, method=learning.learner,
                                    init_perm=init_perm, block_size=block, lr=learning.lr, seed=learning.seed,
                                    loss_fn=loss_fn, **kwargs)
     return result.perm, {"init_loss": result.init_loss, "learned_loss": result.best_loss}
 
 
+def _score_norms(stats: InputStatistics, plan: PruningPlan) -> torch.Tensor | None:
+    """The per-input factor of the scores that choose the permutation: none for magnitude, the OBS weights
+    for the metrics that update kept weights (SparseGPT, lsq), the feature norms ||x_j|| otherwise."""
+    if plan.permutation_metric == "magnitude":
+        return None
+    if plan.metric in ("sparsegpt", "lsq"):
+        return obs_feature_weights(stats.gram(), plan.damp)
+    return stats.feature_norms()
+
+
 def _prune_members(weights, dense, scores, stats, perm, plan: PruningPlan):
     """Prune each member in permuted order: by its scores, by SparseGPT with a weight update, by the
-    scores' mask improved on the exact output error (metric "gram"), or by SparseGPT's mask with the kept
-    weights refitted by least squares (metric "lsq")."""
+    scores' mask improved on the exact output error (metric "gram"), or (metric "lsq") by SparseGPT's
+    mask or the Gram-chosen one, whichever fits each row better after a least-squares refit."""
     n, m = plan.pattern.n, plan.pattern.m
     pruned, masks, row = {}, {}, 0
     hessian = stats.hessian() if plan.metric in ("sparsegpt", "lsq") else None
@@ -103,7 +113,8 @@ def _prune_members(weights, dense, scores, stats, perm, plan: PruningPlan):
                 mask = gram_mask(w[:, perm], gram, mask, n, m)
             new = w[:, perm].masked_fill(~mask, 0)
         if plan.metric == "lsq":
-            new = refit_kept(w[:, perm], gram, mask, damp=plan.damp)
+            gram_choice = gram_mask(w[:, perm], gram, nm_mask(scores[row:row + rows][:, perm], n, m), n, m)
+            new, mask = refit_best_of(w[:, perm], gram, [mask, gram_choice], damp=plan.damp)
         pruned[name], masks[name] = new.to(weights[name].dtype), mask
         row += rows
     return pruned, masks

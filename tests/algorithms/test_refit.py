@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from optimum_permllm.algorithms.gram_mask import output_error
-from optimum_permllm.algorithms.refit import damped_gram, refit_kept
+from optimum_permllm.algorithms.refit import damped_gram, refit_best_of, refit_kept
+from optimum_permllm.algorithms.scores import obs_feature_weights
 from optimum_permllm.algorithms.sparsegpt import sparsegpt_prune
 from optimum_permllm.sparse import nm_mask
 
@@ -73,3 +74,35 @@ def test_bad_shapes_are_refused():
         refit_kept(w, torch.eye(8), keep[:2])
     with pytest.raises(ValueError, match="gram"):
         refit_kept(w, torch.eye(4), keep)
+
+
+def test_best_of_takes_each_rows_lower_refit_and_its_mask():
+    x = correlated_inputs(16, seed=2)
+    g = x.T @ x / x.shape[0]
+    w = torch.randn(12, 16, generator=torch.Generator().manual_seed(3))
+    reweighted = w.abs() * torch.rand(16, generator=torch.Generator().manual_seed(4)).mul(4).exp()
+    keeps = [nm_mask(w.abs(), 2, 4), nm_mask(reweighted, 2, 4)]
+    new, mask = refit_best_of(w, g, keeps, damp=0.01)
+    fits = [refit_kept(w, g, keep, damp=0.01) for keep in keeps]
+    errors = torch.stack([update_error(w, fit, g) for fit in fits])
+    torch.testing.assert_close(update_error(w, new, g), errors.min(0).values)
+    for row, pick in enumerate(errors.argmin(0).tolist()):
+        assert torch.equal(mask[row], keeps[pick][row]) and torch.equal(new[row], fits[pick][row])
+    assert 0 < int(errors.argmin(0).sum()) < 12  # each candidate wins some rows, so the choice is exercised
+
+
+def test_best_of_needs_a_candidate():
+    with pytest.raises(ValueError, match="candidate"):
+        refit_best_of(torch.ones(2, 4), torch.eye(4), [])
+
+
+def test_refitting_all_but_one_weight_leaves_its_obs_saliency():
+    x = correlated_inputs(8, seed=5)
+    g = x.T @ x / x.shape[0]
+    w = torch.randn(1, 8, generator=torch.Generator().manual_seed(6))
+    weights = obs_feature_weights(g, damp=0.0)
+    for j in range(8):
+        keep = torch.ones(1, 8, dtype=torch.bool)
+        keep[0, j] = False
+        error = update_error(w, refit_kept(w, g, keep, damp=0.0), g)
+        torch.testing.assert_close(error, (w[:, j] * weights[j]).square(), rtol=1e-3, atol=1e-6)

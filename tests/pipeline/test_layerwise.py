@@ -6,14 +6,16 @@ from torch import nn
 
 from optimum_permllm import PermLLMConfig, PermutedSparseLinear
 from optimum_permllm.nn.permuted_norm import PermutedOutputNorm
-from optimum_permllm.algorithms import retained_score, wanda_scores
+from optimum_permllm.algorithms import heuristic_permutation, retained_score, wanda_scores
+from optimum_permllm.algorithms.gram_mask import gram_mask
+from optimum_permllm.algorithms.scores import obs_feature_weights
 from optimum_permllm.algorithms.statistics import InputStatistics
 from optimum_permllm.pipeline.capture import capture
 from optimum_permllm.pipeline.layerwise import sparsify_layerwise
 from optimum_permllm.pipeline.planning import block_size_for, plan_group
 from optimum_permllm.pipeline.statistics import collect_statistics
 from optimum_permllm.pipeline.structure import StructureError, find_decoder_layers, layer_linears
-from optimum_permllm.sparse import check_nm, identity_permutation
+from optimum_permllm.sparse import check_nm, identity_permutation, nm_mask
 from optimum_permllm.sparse.permutation import head_shared_blocks
 
 from ..conftest import tiny_model
@@ -86,7 +88,7 @@ def test_sparsegpt_plan_reconstructs_the_layer_better_than_wanda():
     assert errors["sparsegpt"] < errors["wanda"]
 
 
-def test_lsq_plan_keeps_sparsegpts_mask_and_reconstructs_the_layer_better():
+def test_lsq_plan_takes_sparsegpts_or_the_gram_mask_per_row_and_reconstructs_the_layer_better():
     weights, stats, x = _random_group(seed=4)
     plans = {metric: plan_group(weights, stats, PermLLMConfig(metric=metric, permutation="heuristic").to_plan())
              for metric in ("sparsegpt", "lsq")}
@@ -95,10 +97,24 @@ def test_lsq_plan_keeps_sparsegpts_mask_and_reconstructs_the_layer_better():
     for metric, plan in plans.items():
         xp = x[:, plan.perm]
         errors[metric] = sum(float((xp @ plan.weights[k].T - x @ w.T).square().sum()) for k, w in weights.items())
-    for name in weights:
-        assert torch.equal(plans["lsq"].masks[name], plans["sparsegpt"].masks[name])
-        assert torch.equal(plans["lsq"].weights[name] != 0, plans["lsq"].masks[name])
+    perm = plans["lsq"].perm
+    gram, obs = stats.gram()[perm][:, perm], obs_feature_weights(stats.gram(), 0.01)
+    for name, w in weights.items():
+        lsq, sparsegpt_mask = plans["lsq"].masks[name], plans["sparsegpt"].masks[name]
+        gram_choice = gram_mask(w[:, perm], gram, nm_mask(wanda_scores(w, obs)[:, perm], 2, 4), 2, 4)
+        from_sparsegpt = (lsq == sparsegpt_mask).all(1)
+        assert bool((from_sparsegpt | (lsq == gram_choice).all(1)).all())
+        assert bool(from_sparsegpt.any())
+        assert torch.equal(plans["lsq"].weights[name] != 0, lsq)
     assert errors["lsq"] < 0.95 * errors["sparsegpt"]
+
+
+def test_sparsegpt_permutation_is_chosen_on_the_obs_saliency():
+    weights, stats, _ = _random_group(seed=6)
+    plan = plan_group(weights, stats, PermLLMConfig(metric="sparsegpt", permutation="heuristic").to_plan())
+    obs = torch.cat([wanda_scores(w, obs_feature_weights(stats.gram(), 0.01)) for w in weights.values()])
+    assert torch.equal(plan.perm, heuristic_permutation(obs, 2, 4))
+    assert retained_score(obs, plan.perm, 2, 4) >= retained_score(obs, identity_permutation(obs.shape[1]), 2, 4)
 
 
 @pytest.mark.parametrize("permutation", ["none", "heuristic"])
