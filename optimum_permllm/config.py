@@ -50,10 +50,12 @@ class PermLLMConfig(QuantizationConfigMixin):
         sparsity: the N:M pattern, "2:4" (what GPU sparse tensor cores run), "4:8", "1:4", ...
         metric: which weights to keep: "magnitude" (no data), "wanda", "ria", "gram" (the N:M mask with
             the smallest exact output error on the calibration inputs, weights unchanged), "sparsegpt"
-            (also updates the kept weights), or "lsq" (SparseGPT's mask, then the kept weights refitted
-            by least squares on the calibration inputs: the lowest error measured, at 1-2.6x SparseGPT's
-            pruning time).
-        permutation: "none", "heuristic" (RIA-style channel permutation) or "learned" (PermLLM).
+            (also updates the kept weights), or "lsq" (per row, SparseGPT's mask or the Gram-chosen one,
+            whichever fits better once the kept weights are refitted by least squares on the calibration
+            inputs: the lowest error measured).
+        permutation: "none", "heuristic" (RIA-style channel permutation) or "learned" (PermLLM). With
+            "sparsegpt" and "lsq" it is chosen on SparseGPT's saliency (the error of pruning a weight when
+            the others are updated), with the other metrics on the metric's own score.
         learner: for permutation="learned": "sinkhorn" (PermLLM) or "ot" (optimal-transport variant).
         scope: for permutation="learned": the objective, "layer" (output error of each linear group, from
             the input Gram matrix) or "model" (last hidden states; needs the whole model on a GPU in practice).

@@ -116,3 +116,16 @@ def test_weight_update_headroom_refit_never_raises_the_calibration_error_of_its_
     for r in rows:
         for mask in ("sparsegpt", "wanda", "gram0.3", "gram0"):
             assert r[f"{mask}/refit0.01"][0] <= r[f"{mask}/none"][0] + 1e-4  # on calibration, up to the damping
+
+
+def test_obs_permutation_headroom_per_row_choice_is_the_lower_of_its_candidates(tmp_path):
+    save_tiny_dense(tmp_path / "tiny", family="llama")
+    out = run_script("obs_permutation_headroom.py", "--model", str(tmp_path / "tiny"), "--layers", "1",
+                     "--num-samples", "2", "--seq-len", "32")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(rows) == 4  # q/k/v, o, gate/up, down
+    for r in rows:
+        for perm in ("wanda", "obs"):
+            best = r[f"{perm}/per-row-best"][0]  # chosen per row on calibration: never above either candidate
+            assert best <= min(r[f"{perm}/lsq"][0], r[f"{perm}/gram-refit"][0]) + 1e-5
+            assert r[f"{perm}/lsq"][0] <= r[f"{perm}/sparsegpt"][0] + 1e-4

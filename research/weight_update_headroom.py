@@ -5,7 +5,8 @@ linears sharing an input is pruned 2:4 after the heuristic permutation in severa
 the relative output error on the calibration Gram matrix and on a held-out one (mean over the group's
 linears): SparseGPT as the library runs it; SparseGPT's mask with its kept weights refitted exactly
 (`algorithms.refit.refit_kept`); Wanda's and the Gram-chosen mask refitted the same way; for a few
-dampenings of the refit. Also the heuristic permutation chosen on SparseGPT's OBS saliency.
+dampenings of the refit. The OBS-chosen permutation and the per-row choice of mask are in
+`obs_permutation_headroom.py`.
 
     OMP_NUM_THREADS=1 python research/weight_update_headroom.py --layers 3 15 27 --num-samples 64
 """
