@@ -72,6 +72,15 @@ def calibration_and_heldout_groups(model_source, layers, num_samples, seed, seq_
     return cal, ho
 
 
+def paired_groups(args):
+    """Yield (layer, names, weights, calibration statistics, held-out statistics) of every group of linears
+    sharing an input in the layers of `group_parser`'s arguments."""
+    cal, ho = calibration_and_heldout_groups(args.model, args.layers, args.num_samples, args.seed, args.seq_len)
+    for layer in args.layers:
+        for (names, ws, stats), (_, _, stats_ho) in zip(cal[layer], ho[layer]):
+            yield layer, names, ws, stats, stats_ho
+
+
 def errors(ws, perm, keeps, g_cal, g_ho):
     """(calibration, held-out, held-out diagonal part) relative errors, mean over the members."""
     cal = ho = diag = 0.0
@@ -151,31 +160,29 @@ def main():
     ap.add_argument("--search-seconds", type=float, default=0, help="joint swap search per group (0: skip)")
     ap.add_argument("--search-mu", type=float, default=0.0)
     args = ap.parse_args()
-    cal, ho = calibration_and_heldout_groups(args.model, args.layers, args.num_samples, args.seed, args.seq_len)
     n, m = 2, 4
-    for layer in args.layers:
-        for (names, ws, stats), (_, _, stats_ho) in zip(cal[layer], ho[layer]):
-            g, gh, norms = stats.gram(), stats_ho.gram(), stats.feature_norms()
-            weights = dict(zip(names, ws))
-            ident = torch.arange(ws[0].shape[1])
-            heur = plan_group(weights, stats, PermLLMConfig(metric="wanda", permutation="heuristic").to_plan()).perm
-            perms = {"identity": ident, "heuristic": heur}
-            if args.learned:
-                perms["learned"] = plan_group(weights, stats, PermLLMConfig(metric="wanda", permutation="learned",
-                                                                          seed=args.seed).to_plan()).perm
-            row = {"layer": layer, "group": "+".join(x.split(".")[-1] for x in names)}
-            for pname, perm in perms.items():
-                row[f"wanda/{pname}"] = errors(ws, perm, wanda_keeps(ws, norms, perm, n, m), g, gh)
-                for mu in args.mus:
-                    row[f"gram{mu}/{pname}"] = errors(ws, perm, gram_keeps(ws, g, norms, perm, n, m, mu), g, gh)
-            if args.search_seconds:
-                start = gram_keeps(ws, g, norms, heur, n, m, args.search_mu)
-                t = time.perf_counter()
-                perm, keeps, swaps = joint_swap_search(ws, g, start, heur, n, m, args.search_mu, args.search_seconds)
-                keeps = [gram_mask(w[:, perm], g[perm][:, perm], k, n, m, mu=args.search_mu) for w, k in zip(ws, keeps)]
-                row[f"joint-search{args.search_mu}/heuristic"] = errors(ws, perm, keeps, g, gh)
-                row["search"] = {"swaps": swaps, "seconds": round(time.perf_counter() - t, 1)}
-            print(json.dumps(row), flush=True)
+    for layer, names, ws, stats, stats_ho in paired_groups(args):
+        g, gh, norms = stats.gram(), stats_ho.gram(), stats.feature_norms()
+        weights = dict(zip(names, ws))
+        ident = torch.arange(ws[0].shape[1])
+        heur = plan_group(weights, stats, PermLLMConfig(metric="wanda", permutation="heuristic").to_plan()).perm
+        perms = {"identity": ident, "heuristic": heur}
+        if args.learned:
+            perms["learned"] = plan_group(weights, stats, PermLLMConfig(metric="wanda", permutation="learned",
+                                                                      seed=args.seed).to_plan()).perm
+        row = {"layer": layer, "group": "+".join(x.split(".")[-1] for x in names)}
+        for pname, perm in perms.items():
+            row[f"wanda/{pname}"] = errors(ws, perm, wanda_keeps(ws, norms, perm, n, m), g, gh)
+            for mu in args.mus:
+                row[f"gram{mu}/{pname}"] = errors(ws, perm, gram_keeps(ws, g, norms, perm, n, m, mu), g, gh)
+        if args.search_seconds:
+            start = gram_keeps(ws, g, norms, heur, n, m, args.search_mu)
+            t = time.perf_counter()
+            perm, keeps, swaps = joint_swap_search(ws, g, start, heur, n, m, args.search_mu, args.search_seconds)
+            keeps = [gram_mask(w[:, perm], g[perm][:, perm], k, n, m, mu=args.search_mu) for w, k in zip(ws, keeps)]
+            row[f"joint-search{args.search_mu}/heuristic"] = errors(ws, perm, keeps, g, gh)
+            row["search"] = {"swaps": swaps, "seconds": round(time.perf_counter() - t, 1)}
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from gram_mask_headroom import calibration_and_heldout_groups, gram_keeps, group_parser
+from gram_mask_headroom import gram_keeps, group_parser, paired_groups
 from optimum_permllm.algorithms.heuristic_permutation import heuristic_permutation
 from optimum_permllm.algorithms.refit import damped_gram, refit_kept
 from optimum_permllm.algorithms.sparsegpt import sparsegpt_prune
@@ -57,27 +57,25 @@ def per_row_best(ws, perm, candidates, g_cal, g_ho):
 def main():
     ap = group_parser(__doc__.splitlines()[0])
     args = ap.parse_args()
-    cal, ho = calibration_and_heldout_groups(args.model, args.layers, args.num_samples, args.seed, args.seq_len)
     n, m = 2, 4
-    for layer in args.layers:
-        for (names, ws, stats), (_, _, stats_ho) in zip(cal[layer], ho[layer]):
-            g, gh, norms, h = stats.gram(), stats_ho.gram(), stats.feature_norms(), stats.hessian()
-            row = {"layer": layer, "group": "+".join(x.split(".")[-1] for x in names)}
-            start = time.perf_counter()
-            obs = torch.cat([obs_scores(w, h) for w in ws])
-            perms = {"wanda": heuristic_permutation(torch.cat([w.abs() * norms for w in ws]), n, m),
-                     "obs": heuristic_permutation(obs, n, m)}
-            row["t_obs_perm"] = round(time.perf_counter() - start, 2)
-            for pname, perm in perms.items():
-                gp = g[perm][:, perm]
-                sgpt = [sparsegpt_prune(w, h, n, m, perm=perm, damp=DAMP) for w in ws]
-                lsq = [refit_kept(w[:, perm], gp, keep, DAMP) for w, (_, keep) in zip(ws, sgpt)]
-                gram = [refit_kept(w[:, perm], gp, keep, DAMP) for w, keep in zip(ws, gram_keeps(ws, g, norms, perm, n, m, 0.3))]
-                row[f"{pname}/sparsegpt"] = update_errors(ws, perm, [s[0] for s in sgpt], g, gh)
-                row[f"{pname}/lsq"] = update_errors(ws, perm, lsq, g, gh)
-                row[f"{pname}/gram-refit"] = update_errors(ws, perm, gram, g, gh)
-                row[f"{pname}/per-row-best"], row[f"{pname}/gram-share"] = per_row_best(ws, perm, [lsq, gram], g, gh)
-            print(json.dumps(row), flush=True)
+    for layer, names, ws, stats, stats_ho in paired_groups(args):
+        g, gh, norms, h = stats.gram(), stats_ho.gram(), stats.feature_norms(), stats.hessian()
+        row = {"layer": layer, "group": "+".join(x.split(".")[-1] for x in names)}
+        start = time.perf_counter()
+        obs = torch.cat([obs_scores(w, h) for w in ws])
+        perms = {"wanda": heuristic_permutation(torch.cat([w.abs() * norms for w in ws]), n, m),
+                 "obs": heuristic_permutation(obs, n, m)}
+        row["t_obs_perm"] = round(time.perf_counter() - start, 2)
+        for pname, perm in perms.items():
+            gp = g[perm][:, perm]
+            sgpt = [sparsegpt_prune(w, h, n, m, perm=perm, damp=DAMP) for w in ws]
+            lsq = [refit_kept(w[:, perm], gp, keep, DAMP) for w, (_, keep) in zip(ws, sgpt)]
+            gram = [refit_kept(w[:, perm], gp, keep, DAMP) for w, keep in zip(ws, gram_keeps(ws, g, norms, perm, n, m, 0.3))]
+            row[f"{pname}/sparsegpt"] = update_errors(ws, perm, [s[0] for s in sgpt], g, gh)
+            row[f"{pname}/lsq"] = update_errors(ws, perm, lsq, g, gh)
+            row[f"{pname}/gram-refit"] = update_errors(ws, perm, gram, g, gh)
+            row[f"{pname}/per-row-best"], row[f"{pname}/gram-share"] = per_row_best(ws, perm, [lsq, gram], g, gh)
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

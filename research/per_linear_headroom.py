@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gram_mask_headroom import calibration_and_heldout_groups, errors, gram_keeps, group_parser, wanda_keeps  # noqa: E402
+from gram_mask_headroom import errors, gram_keeps, group_parser, paired_groups, wanda_keeps  # noqa: E402
 
 from optimum_permllm.algorithms.gram_mask import DEFAULT_MU  # noqa: E402
 from optimum_permllm.algorithms.heuristic_permutation import heuristic_permutation  # noqa: E402
@@ -68,23 +68,21 @@ def main():
     ap = group_parser(__doc__.splitlines()[0])
     ap.add_argument("--mu", type=float, default=DEFAULT_MU)
     args = ap.parse_args()
-    cal, ho = calibration_and_heldout_groups(args.model, args.layers, args.num_samples, args.seed, args.seq_len)
     n, m, mu = 2, 4, args.mu
-    for layer in args.layers:
-        for (names, ws, stats), (_, _, stats_ho) in zip(cal[layer], ho[layer]):
-            if len(ws) < 2:
-                continue
-            short = [x.split(".")[-1].removesuffix("_proj") for x in names]
-            errs = member_errors(ws, stats.feature_norms(), stats.gram(), stats_ho.gram(), n, m, mu)
-            row = {"layer": layer, "group": "+".join(x.split(".")[-1] for x in names)}
-            for mask, by_member in errs.items():
-                for part in partitions(tuple(range(len(ws)))):
-                    label = "|".join("+".join(short[i] for i in block) for block in part)
-                    values = [by_member[block, i] for block in part for i in block]
-                    row[f"{mask}/{label}"] = [round(sum(v[k] for v in values) / len(ws), 5) for k in range(3)]
-                for i, name in enumerate(short):  # each member's held-out error: shared vs its own permutation
-                    row[f"{mask}/member/{name}"] = [by_member[tuple(range(len(ws))), i][1], by_member[(i,), i][1]]
-            print(json.dumps(row), flush=True)
+    for layer, names, ws, stats, stats_ho in paired_groups(args):
+        if len(ws) < 2:
+            continue
+        short = [x.split(".")[-1].removesuffix("_proj") for x in names]
+        errs = member_errors(ws, stats.feature_norms(), stats.gram(), stats_ho.gram(), n, m, mu)
+        row = {"layer": layer, "group": "+".join(x.split(".")[-1] for x in names)}
+        for mask, by_member in errs.items():
+            for part in partitions(tuple(range(len(ws)))):
+                label = "|".join("+".join(short[i] for i in block) for block in part)
+                values = [by_member[block, i] for block in part for i in block]
+                row[f"{mask}/{label}"] = [round(sum(v[k] for v in values) / len(ws), 5) for k in range(3)]
+            for i, name in enumerate(short):  # each member's held-out error: shared vs its own permutation
+                row[f"{mask}/member/{name}"] = [by_member[tuple(range(len(ws))), i][1], by_member[(i,), i][1]]
+        print(json.dumps(row), flush=True)
 
 if __name__ == "__main__":
     main()

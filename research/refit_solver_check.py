@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from gram_mask_headroom import calibration_and_heldout_groups, group_parser
+from gram_mask_headroom import group_parser, paired_groups
 from optimum_permllm.algorithms.heuristic_permutation import heuristic_permutation
 from optimum_permllm.algorithms.refit import damped_gram, refit_kept
 from optimum_permllm.algorithms.sparsegpt import sparsegpt_prune
@@ -41,22 +41,20 @@ def relative_error(w, new, g):
 
 def main():
     args = group_parser(__doc__.splitlines()[0], layers=(15,)).parse_args()
-    cal, ho = calibration_and_heldout_groups(args.model, args.layers, args.num_samples, args.seed, args.seq_len)
-    for layer in args.layers:
-        for (names, ws, stats), (_, _, stats_ho) in zip(cal[layer], ho[layer]):
-            g, gh = stats.gram(), stats_ho.gram()
-            perm = heuristic_permutation(torch.cat(ws).abs() * stats.feature_norms(), 2, 4)
-            gp, ghp = g[perm][:, perm], gh[perm][:, perm]
-            for name, w in zip(names, ws):
-                wp = w[:, perm]
-                _, keep = sparsegpt_prune(wp, gp, 2, 4)
-                row = {"layer": layer, "linear": name.split(".")[-1]}
-                for solver, fn in (("cg", refit_kept), ("cholesky", exact_refit)):
-                    start = time.perf_counter()
-                    new = fn(wp, gp, keep)
-                    row[solver] = {"seconds": round(time.perf_counter() - start, 2), "calibration": relative_error(wp, new, gp),
-                                   "held_out": relative_error(wp, new, ghp)}
-                print(json.dumps(row), flush=True)
+    for layer, names, ws, stats, stats_ho in paired_groups(args):
+        g, gh = stats.gram(), stats_ho.gram()
+        perm = heuristic_permutation(torch.cat(ws).abs() * stats.feature_norms(), 2, 4)
+        gp, ghp = g[perm][:, perm], gh[perm][:, perm]
+        for name, w in zip(names, ws):
+            wp = w[:, perm]
+            _, keep = sparsegpt_prune(wp, gp, 2, 4)
+            row = {"layer": layer, "linear": name.split(".")[-1]}
+            for solver, fn in (("cg", refit_kept), ("cholesky", exact_refit)):
+                start = time.perf_counter()
+                new = fn(wp, gp, keep)
+                row[solver] = {"seconds": round(time.perf_counter() - start, 2), "calibration": relative_error(wp, new, gp),
+                               "held_out": relative_error(wp, new, ghp)}
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

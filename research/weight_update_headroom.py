@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from gram_mask_headroom import calibration_and_heldout_groups, errors, gram_keeps, group_parser, wanda_keeps
+from gram_mask_headroom import errors, gram_keeps, group_parser, paired_groups, wanda_keeps
 from optimum_permllm import PermLLMConfig
 from optimum_permllm.algorithms.refit import refit_kept
 from optimum_permllm.algorithms.sparsegpt import sparsegpt_prune
@@ -49,26 +49,24 @@ def main():
     ap = group_parser(__doc__.splitlines()[0])
     ap.add_argument("--damps", type=float, nargs="+", default=[0.01, 0.1])
     args = ap.parse_args()
-    cal, ho = calibration_and_heldout_groups(args.model, args.layers, args.num_samples, args.seed, args.seq_len)
     n, m = 2, 4
-    for layer in args.layers:
-        for (names, ws, stats), (_, _, stats_ho) in zip(cal[layer], ho[layer]):
-            g, gh, norms, h = stats.gram(), stats_ho.gram(), stats.feature_norms(), stats.hessian()
-            weights = dict(zip(names, ws))
-            perm = plan_group(weights, stats, PermLLMConfig(metric="wanda", permutation="heuristic").to_plan()).perm
-            gp = g[perm][:, perm]
-            row = {"layer": layer, "group": "+".join(x.split(".")[-1] for x in names)}
-            sgpt, row["t_sparsegpt"] = timed(lambda: [sparsegpt_prune(w, h, n, m, perm=perm) for w in ws])
-            row["sparsegpt"] = update_errors(ws, perm, [s[0] for s in sgpt], g, gh)
-            masks = {"sparsegpt": [s[1] for s in sgpt], "wanda": wanda_keeps(ws, norms, perm, n, m),
-                     "gram0.3": gram_keeps(ws, g, norms, perm, n, m, 0.3), "gram0": gram_keeps(ws, g, norms, perm, n, m, 0.0)}
-            for mname, keeps in masks.items():
-                row[f"{mname}/none"] = errors(ws, perm, keeps, g, gh)[:2]
-                for damp in args.damps:
-                    news, t = timed(lambda: [refit_kept(w[:, perm], gp, k, damp) for w, k in zip(ws, keeps)])
-                    row[f"{mname}/refit{damp}"] = update_errors(ws, perm, news, g, gh)
-                    row[f"t_refit{damp}_{mname}"] = t
-            print(json.dumps(row), flush=True)
+    for layer, names, ws, stats, stats_ho in paired_groups(args):
+        g, gh, norms, h = stats.gram(), stats_ho.gram(), stats.feature_norms(), stats.hessian()
+        weights = dict(zip(names, ws))
+        perm = plan_group(weights, stats, PermLLMConfig(metric="wanda", permutation="heuristic").to_plan()).perm
+        gp = g[perm][:, perm]
+        row = {"layer": layer, "group": "+".join(x.split(".")[-1] for x in names)}
+        sgpt, row["t_sparsegpt"] = timed(lambda: [sparsegpt_prune(w, h, n, m, perm=perm) for w in ws])
+        row["sparsegpt"] = update_errors(ws, perm, [s[0] for s in sgpt], g, gh)
+        masks = {"sparsegpt": [s[1] for s in sgpt], "wanda": wanda_keeps(ws, norms, perm, n, m),
+                 "gram0.3": gram_keeps(ws, g, norms, perm, n, m, 0.3), "gram0": gram_keeps(ws, g, norms, perm, n, m, 0.0)}
+        for mname, keeps in masks.items():
+            row[f"{mname}/none"] = errors(ws, perm, keeps, g, gh)[:2]
+            for damp in args.damps:
+                news, t = timed(lambda: [refit_kept(w[:, perm], gp, k, damp) for w, k in zip(ws, keeps)])
+                row[f"{mname}/refit{damp}"] = update_errors(ws, perm, news, g, gh)
+                row[f"t_refit{damp}_{mname}"] = t
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
