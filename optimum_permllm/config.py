@@ -53,9 +53,7 @@ class PermLLMConfig(QuantizationConfigMixin):
             (also updates the kept weights), or "lsq" (per row, SparseGPT's mask or the Gram-chosen one,
             whichever fits better once the kept weights are refitted by least squares on the calibration
             inputs: the lowest error measured).
-        permutation: "none", "heuristic" (RIA-style channel permutation) or "learned" (PermLLM). With
-            "sparsegpt" and "lsq" it is chosen on SparseGPT's saliency (the error of pruning a weight when
-            the others are updated), with the other metrics on the metric's own score.
+        permutation: "none", "heuristic" (RIA-style channel permutation) or "learned" (PermLLM).
         learner: for permutation="learned": "sinkhorn" (PermLLM) or "ot" (optimal-transport variant).
         scope: for permutation="learned": the objective, "layer" (output error of each linear group, from
             the input Gram matrix) or "model" (last hidden states; needs the whole model on a GPU in practice).
