@@ -53,7 +53,9 @@ class PermLLMConfig(QuantizationConfigMixin):
             (also updates the kept weights), or "lsq" (per row, SparseGPT's mask or the Gram-chosen one,
             whichever fits better once the kept weights are refitted by least squares on the calibration
             inputs: the lowest error measured).
-        permutation: "none", "heuristic" (RIA-style channel permutation) or "learned" (PermLLM).
+        permutation: "none", "heuristic" (RIA-style channel permutation) or "learned" (PermLLM). For
+            "lsq" it is chosen on the OBS saliency (the error of pruning a weight when the others are
+            refitted), for the other metrics on the metric's score (Wanda's for "sparsegpt" and "gram").
         learner: for permutation="learned": "sinkhorn" (PermLLM) or "ot" (optimal-transport variant).
         scope: for permutation="learned": the objective, "layer" (output error of each linear group, from
             the input Gram matrix) or "model" (last hidden states; needs the whole model on a GPU in practice).

@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from .refit import damped_gram
+
 ScoreFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
@@ -48,12 +50,25 @@ def permutation_metric(metric: str) -> str:
 
     The permutation is chosen for the mask the metric will keep, so it is scored by that metric:
     'magnitude' -> |W|, 'wanda' -> Wanda, 'ria' -> RIA. SparseGPT has no score of its own (it decides
-    masks from the Hessian while updating weights), so it is permuted by Wanda, its usual companion, and
-    so is 'lsq' (SparseGPT's or the Gram-chosen mask, refitted); the Gram-chosen mask starts from Wanda's
-    mask in the chosen permutation, so it is permuted by Wanda too. (A permutation chosen on SparseGPT's
-    OBS saliency was worse end to end: BENCHMARKS.md, "Least-squares refit, end to end".)
+    masks from the Hessian while updating weights), so it is permuted by Wanda, its usual companion; the
+    Gram-chosen mask starts from Wanda's mask in the chosen permutation, so it is permuted by Wanda too.
+    'lsq' uses Wanda's score form with `obs_feature_weights` in place of the feature norms (the
+    pipeline passes them), since its refit is the full compensation that saliency assumes.
     """
     return "wanda" if metric in ("sparsegpt", "gram", "lsq") else metric
+
+
+def obs_feature_weights(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """1 / sqrt([G^-1]_jj) on the damped Gram matrix: the norm of what the other inputs cannot rebuild of
+    input j. In place of ||x_j|| in Wanda's score it gives the square root of the OBS saliency
+    w^2 / [G^-1]_jj: the error of pruning one weight when all the others are refitted to compensate."""
+    lower, info = torch.linalg.cholesky_ex(damped_gram(gram, damp))
+    if int(info) != 0:
+        raise RuntimeError(
+            f"The damped Gram matrix (damp={damp}) of this layer is not positive definite. Raise the dampening, "
+            "e.g. PermLLMConfig(damp=0.1), or calibrate on more text (num_samples, seq_len)."
+        )
+    return torch.diagonal(torch.cholesky_inverse(lower)).rsqrt()
 
 
 def _checked_norms(weight: torch.Tensor, feature_norms: torch.Tensor | None, metric: str) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from ..algorithms.gram_mask import gram_mask
 from ..algorithms.heuristic_permutation import head_shared_permutation, heuristic_permutation, retained_score
 from ..algorithms.refit import refit_best_of
-from ..algorithms.scores import score_fn
+from ..algorithms.scores import obs_feature_weights, score_fn
 from ..algorithms.sparsegpt import sparsegpt_prune
 from ..algorithms.statistics import InputStatistics
 from ..sparse.nm import nm_mask
@@ -48,7 +48,7 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, plan: P
     """
     n, m = plan.pattern.n, plan.pattern.m
     metric = plan.permutation_metric
-    norms = stats.feature_norms() if metric != "magnitude" else None
+    norms = _score_norms(stats, plan)
     dense = {name: w.detach().float() for name, w in weights.items()}
     scores = torch.cat([score_fn(metric)(w, norms) for w in dense.values()])
     width = scores.shape[1]
@@ -78,11 +78,21 @@ def learn_group_permutation(weights, stats, init_perm: torch.Tensor, plan: Pruni
     block = block_size_for(weights[0].shape[1], learning.block_size, plan.pattern.m)
     kwargs = {"steps": learning.steps} if learning.steps is not None else {}
     with torch.enable_grad():  # the pruning pass runs under no_grad; learning needs gradients
-        result = learn_permutation(weights, stats.gram(), stats.feature_norms(), plan.pattern.n, plan.pattern.m,
+        result = learn_permutation(weights, stats.gram(), _score_norms(stats, plan), plan.pattern.n, plan.pattern.m,
                                    metric=plan.permutation_metric, method=learning.learner,
                                    init_perm=init_perm, block_size=block, lr=learning.lr, seed=learning.seed,
                                    loss_fn=loss_fn, **kwargs)
     return result.perm, {"init_loss": result.init_loss, "learned_loss": result.best_loss}
+
+
+def _score_norms(stats: InputStatistics, plan: PruningPlan) -> torch.Tensor | None:
+    """The per-input factor of the scores that choose the permutation: none for magnitude, the OBS weights
+    for lsq (whose refit is the compensation they assume), the feature norms ||x_j|| otherwise."""
+    if plan.permutation_metric == "magnitude":
+        return None
+    if plan.metric == "lsq":
+        return obs_feature_weights(stats.gram(), plan.damp)
+    return stats.feature_norms()
 
 
 def _prune_members(weights, dense, scores, stats, perm, plan: PruningPlan):

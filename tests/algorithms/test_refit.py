@@ -5,6 +5,7 @@ import torch
 
 from optimum_permllm.algorithms.gram_mask import output_error
 from optimum_permllm.algorithms.refit import damped_gram, refit_best_of, refit_kept
+from optimum_permllm.algorithms.scores import obs_feature_weights
 from optimum_permllm.algorithms.sparsegpt import sparsegpt_prune
 from optimum_permllm.sparse import nm_mask
 
@@ -94,3 +95,14 @@ def test_best_of_needs_a_candidate():
     with pytest.raises(ValueError, match="candidate"):
         refit_best_of(torch.ones(2, 4), torch.eye(4), [])
 
+
+def test_refitting_all_but_one_weight_leaves_its_obs_saliency():
+    x = correlated_inputs(8, seed=5)
+    g = x.T @ x / x.shape[0]
+    w = torch.randn(1, 8, generator=torch.Generator().manual_seed(6))
+    weights = obs_feature_weights(g, damp=0.0)
+    for j in range(8):
+        keep = torch.ones(1, 8, dtype=torch.bool)
+        keep[0, j] = False
+        error = update_error(w, refit_kept(w, g, keep, damp=0.0), g)
+        torch.testing.assert_close(error, (w[:, j] * weights[j]).square(), rtol=1e-3, atol=1e-6)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from optimum_permllm.algorithms import magnitude_scores, ria_scores, score_fn, wanda_scores
+from optimum_permllm.algorithms.scores import obs_feature_weights
 
 WEIGHT = torch.tensor([[1.0, -2.0], [-3.0, 4.0]])
 NORMS = torch.tensor([4.0, 9.0])
@@ -51,3 +52,18 @@ def test_shape_errors():
     with pytest.raises(ValueError, match="feature norms"):
         ria_scores(WEIGHT, None)
 
+
+def test_obs_feature_weights_are_the_residual_norms_of_each_input_on_the_others():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    weights = obs_feature_weights((x.T @ x / x.shape[0]).float(), damp=0.0)
+    for j in range(6):
+        others = torch.cat([x[:, :j], x[:, j + 1:]], dim=1)
+        fit = others @ torch.linalg.lstsq(others, x[:, j:j + 1]).solution
+        residual = (x[:, j:j + 1] - fit).square().mean().sqrt()
+        torch.testing.assert_close(weights[j], residual.float(), rtol=1e-3, atol=1e-5)
+
+
+def test_obs_feature_weights_explain_a_singular_gram_matrix():
+    with pytest.raises(RuntimeError, match="damp"):
+        obs_feature_weights(torch.zeros(4, 4), damp=0.01)

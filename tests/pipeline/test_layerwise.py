@@ -6,8 +6,10 @@ from torch import nn
 
 from optimum_permllm import PermLLMConfig, PermutedSparseLinear
 from optimum_permllm.nn.permuted_norm import PermutedOutputNorm
-from optimum_permllm.algorithms import retained_score, wanda_scores
+from optimum_permllm.algorithms import heuristic_permutation, retained_score, wanda_scores
 from optimum_permllm.algorithms.gram_mask import gram_mask
+from optimum_permllm.algorithms.scores import obs_feature_weights
+from optimum_permllm.algorithms.sparsegpt import sparsegpt_prune
 from optimum_permllm.algorithms.statistics import InputStatistics
 from optimum_permllm.pipeline.capture import capture
 from optimum_permllm.pipeline.layerwise import sparsify_layerwise
@@ -91,22 +93,32 @@ def test_lsq_plan_takes_sparsegpts_or_the_gram_mask_per_row_and_reconstructs_the
     weights, stats, x = _random_group(seed=4)
     plans = {metric: plan_group(weights, stats, PermLLMConfig(metric=metric, permutation="heuristic").to_plan())
              for metric in ("sparsegpt", "lsq")}
-    assert torch.equal(plans["lsq"].perm, plans["sparsegpt"].perm)
     errors = {}
     for metric, plan in plans.items():
         xp = x[:, plan.perm]
         errors[metric] = sum(float((xp @ plan.weights[k].T - x @ w.T).square().sum()) for k, w in weights.items())
     perm = plans["lsq"].perm
-    gram, norms = stats.gram()[perm][:, perm], stats.feature_norms()
+    gram, obs = stats.gram()[perm][:, perm], obs_feature_weights(stats.gram(), 0.01)
     for name, w in weights.items():
-        lsq, sparsegpt_mask = plans["lsq"].masks[name], plans["sparsegpt"].masks[name]
-        gram_choice = gram_mask(w[:, perm], gram, nm_mask(wanda_scores(w, norms)[:, perm], 2, 4), 2, 4)
+        lsq = plans["lsq"].masks[name]
+        sparsegpt_mask = sparsegpt_prune(w, stats.hessian(), 2, 4, perm=perm)[1]  # in lsq's permutation
+        gram_choice = gram_mask(w[:, perm], gram, nm_mask(wanda_scores(w, obs)[:, perm], 2, 4), 2, 4)
         from_sparsegpt = (lsq == sparsegpt_mask).all(1)
         assert bool((from_sparsegpt | (lsq == gram_choice).all(1)).all())
         assert bool(from_sparsegpt.any())
         assert torch.equal(plans["lsq"].weights[name] != 0, lsq)
     assert errors["lsq"] < 0.95 * errors["sparsegpt"]
 
+
+def test_lsq_permutation_is_chosen_on_the_obs_saliency_and_sparsegpts_on_wanda():
+    weights, stats, _ = _random_group(seed=6)
+    plans = {metric: plan_group(weights, stats, PermLLMConfig(metric=metric, permutation="heuristic").to_plan())
+             for metric in ("sparsegpt", "lsq")}
+    obs = torch.cat([wanda_scores(w, obs_feature_weights(stats.gram(), 0.01)) for w in weights.values()])
+    wanda = torch.cat([wanda_scores(w, stats.feature_norms()) for w in weights.values()])
+    assert torch.equal(plans["lsq"].perm, heuristic_permutation(obs, 2, 4))
+    assert torch.equal(plans["sparsegpt"].perm, heuristic_permutation(wanda, 2, 4))
+    assert not torch.equal(plans["lsq"].perm, plans["sparsegpt"].perm)  # the two scores choose differently here
 
 
 @pytest.mark.parametrize("permutation", ["none", "heuristic"])
