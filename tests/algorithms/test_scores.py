@@ -64,6 +64,12 @@ def test_obs_feature_weights_are_the_residual_norms_of_each_input_on_the_others(
         torch.testing.assert_close(weights[j], residual.float(), rtol=1e-3, atol=1e-5)
 
 
-def test_obs_feature_weights_explain_a_singular_gram_matrix():
+def test_obs_feature_weights_give_dead_inputs_zero_and_explain_a_singular_gram_matrix():
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(1))
+    x[:, 2] = 0
+    weights = obs_feature_weights(x.T @ x / 50, damp=0.01)
+    assert weights[2] == 0 and bool((weights[[0, 1, 3]] > 0).all())
+    assert bool((obs_feature_weights(torch.zeros(4, 4), damp=0.01) == 0).all())  # all dead: nothing to rank
+    singular = torch.ones(4, 4)  # rank one, undamped
     with pytest.raises(RuntimeError, match="damp"):
-        obs_feature_weights(torch.zeros(4, 4), damp=0.01)
+        obs_feature_weights(singular, damp=0.0)
