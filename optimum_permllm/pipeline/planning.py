@@ -104,17 +104,17 @@ def _prune_members(weights, dense, scores, stats, perm, plan: PruningPlan):
     hessian = stats.hessian() if plan.metric in ("sparsegpt", "lsq") else None
     gram = stats.gram()[perm][:, perm] if plan.metric in ("gram", "lsq") else None
     for name, w in dense.items():
-        rows = w.shape[0]
-        if hessian is not None:
+        rows, wp = w.shape[0], w[:, perm]
+        if plan.metric == "sparsegpt":
             new, mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=plan.damp)
         else:
             mask = nm_mask(scores[row:row + rows][:, perm], n, m)
-            if gram is not None:
-                mask = gram_mask(w[:, perm], gram, mask, n, m)
-            new = w[:, perm].masked_fill(~mask, 0)
+            if gram is not None:  # the Gram-chosen mask: metric "gram", and lsq's second candidate
+                mask = gram_mask(wp, gram, mask, n, m)
+            new = wp.masked_fill(~mask, 0)
         if plan.metric == "lsq":
-            gram_choice = gram_mask(w[:, perm], gram, nm_mask(scores[row:row + rows][:, perm], n, m), n, m)
-            new, mask = refit_best_of(w[:, perm], gram, [mask, gram_choice], damp=plan.damp)
+            sparsegpt_mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=plan.damp)[1]
+            new, mask = refit_best_of(wp, gram, [sparsegpt_mask, mask], damp=plan.damp)
         pruned[name], masks[name] = new.to(weights[name].dtype), mask
         row += rows
     return pruned, masks
