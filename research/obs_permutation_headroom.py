@@ -20,37 +20,26 @@ import torch
 
 from gram_mask_headroom import gram_keeps, group_parser, paired_groups
 from optimum_permllm.algorithms.heuristic_permutation import heuristic_permutation
-from optimum_permllm.algorithms.refit import damped_gram, refit_kept
+from optimum_permllm.algorithms.refit import refit_kept, row_output_errors
+from optimum_permllm.algorithms.scores import obs_feature_weights
 from optimum_permllm.algorithms.sparsegpt import sparsegpt_prune
 from weight_update_headroom import update_errors
 
 DAMP = 0.01
 
 
-def obs_scores(w: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """|w_ij| / sqrt([H^-1]_jj) on the damped Hessian: the square root of the OBS saliency of w_ij."""
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped_gram(hessian, DAMP)))
-    return w.abs() / torch.diagonal(inverse).sqrt()
-
-
-def row_errors(w, new, gp):
-    """Per-row output error of `new` against `w` (both permuted order) on the permuted Gram `gp`."""
-    d = w - new
-    return (d * (d @ gp)).sum(1)
-
-
 def per_row_best(ws, perm, candidates, g_cal, g_ho):
-    """(calibration, held-out) relative errors when each row takes the candidate lowest on calibration."""
+    """(calibration, held-out) relative errors when each row takes the candidate lowest on calibration,
+    and the share of rows that took the last candidate."""
     out, choice = [0.0, 0.0], []
     for k, w in enumerate(ws):
         wp = w[:, perm]
-        cal = torch.stack([row_errors(wp, c[k], g_cal[perm][:, perm]) for c in candidates])
-        pick = cal.argmin(0)
+        grams = [g[perm][:, perm] for g in (g_cal, g_ho)]
+        errs = [torch.stack([row_output_errors(wp - c[k], gp) for c in candidates]) for gp in grams]  # [K, rows]
+        pick = errs[0].argmin(0)
         choice.append(pick.float().mean().item())
-        for i, g in enumerate((g_cal, g_ho)):
-            gp = g[perm][:, perm]
-            err = torch.stack([row_errors(wp, c[k], gp) for c in candidates]).gather(0, pick[None])[0]
-            out[i] += float(err.sum() / (wp * (wp @ gp)).sum())
+        for i, gp in enumerate(grams):
+            out[i] += float(errs[i].gather(0, pick[None]).sum() / (wp * (wp @ gp)).sum())
     return tuple(round(v / len(ws), 5) for v in out), round(sum(choice) / len(choice), 3)
 
 
@@ -62,7 +51,7 @@ def main():
         g, gh, norms, h = stats.gram(), stats_ho.gram(), stats.feature_norms(), stats.hessian()
         row = {"layer": layer, "group": "+".join(x.split(".")[-1] for x in names)}
         start = time.perf_counter()
-        obs = torch.cat([obs_scores(w, h) for w in ws])
+        obs = torch.cat(ws).abs() * obs_feature_weights(g, DAMP)
         perms = {"wanda": heuristic_permutation(torch.cat([w.abs() * norms for w in ws]), n, m),
                  "obs": heuristic_permutation(obs, n, m)}
         row["t_obs_perm"] = round(time.perf_counter() - start, 2)
