@@ -129,3 +129,17 @@ def test_obs_permutation_headroom_per_row_choice_is_the_lower_of_its_candidates(
             best = r[f"{perm}/per-row-best"][0]  # chosen per row on calibration: never above either candidate
             assert best <= min(r[f"{perm}/lsq"][0], r[f"{perm}/gram-refit"][0]) + 1e-5
             assert r[f"{perm}/lsq"][0] <= r[f"{perm}/sparsegpt"][0] + 1e-4
+
+
+def test_per_linear_end_to_end_gives_the_split_linears_their_own_permutation(tmp_path):
+    sys.path.insert(0, str(REPO / "research"))
+    from per_linear_end_to_end import split_groups
+
+    groups = [["attn.q", "attn.k", "attn.v"], ["mlp.gate", "mlp.up"], ["attn.o"]]
+    assert split_groups(groups, ["v"]) == [["attn.q", "attn.k"], ["attn.v"], ["mlp.gate", "mlp.up"], ["attn.o"]]
+    assert split_groups(groups, ["q", "k", "v"]) == [["attn.q"], ["attn.k"], ["attn.v"], ["mlp.gate", "mlp.up"], ["attn.o"]]
+    save_tiny_dense(tmp_path / "tiny", family="llama")
+    out = run_script("per_linear_end_to_end.py", "--split", "q_proj", "v_proj", "--methods", "wanda+cp",
+                     "--model", str(tmp_path / "tiny"), "--num-samples", "2", "--seq-len", "16", "--eval-windows", "1")
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["method"] == "wanda+cp, own permutation: q_proj v_proj" and row["perplexity"] > 1
