@@ -143,3 +143,13 @@ def test_per_linear_end_to_end_gives_the_split_linears_their_own_permutation(tmp
                      "--model", str(tmp_path / "tiny"), "--num-samples", "2", "--seq-len", "16", "--eval-windows", "1")
     row = json.loads(out.strip().splitlines()[-1])
     assert row["method"] == "wanda+cp, own permutation: q_proj v_proj" and row["perplexity"] > 1
+
+
+def test_lsq_swap_search_never_raises_the_calibration_error(tmp_path):
+    save_tiny_dense(tmp_path / "tiny", family="llama")
+    out = run_script("lsq_swap_search.py", "--model", str(tmp_path / "tiny"), "--layers", "0", "--groups", "o_proj",
+                     "--num-samples", "2", "--seq-len", "32", "--seconds", "3")
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["group"] == "self_attn.o_proj" and row["swaps_tried"] > 0
+    assert row["end_cal"] <= row["start_cal"]
+    assert (row["end_cal"] < row["start_cal"]) == (row["swaps_kept"] > 0)
