@@ -153,3 +153,16 @@ def test_lsq_swap_search_never_raises_the_calibration_error(tmp_path):
     assert row["group"] == "self_attn.o_proj" and row["swaps_tried"] > 0
     assert row["end_cal"] <= row["start_cal"]
     assert (row["end_cal"] < row["start_cal"]) == (row["swaps_kept"] > 0)
+
+
+@pytest.mark.parametrize("family", ["opt", "qwen2"])
+def test_train_small_lm_writes_a_model_that_loads_and_predicts_its_text(tmp_path, family):
+    out = run_script("train_small_lm.py", "--family", family, "--out", str(tmp_path / "m"), "--vocab", "400",
+                     "--hidden", "64", "--layers", "1", "--seq-len", "64", "--batch", "2", "--steps", "30")
+    log = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert log[-2]["loss"] < log[0]["loss"]  # it learned something
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert model.config.model_type == family and model.config.vocab_size == len(tokenizer)
