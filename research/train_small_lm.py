@@ -91,7 +91,7 @@ def main():
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 25 == 0 or step == args.steps - 1:
-            log.append({"step": step, "loss": round(float(loss), 3), "seconds": round(time.perf_counter() - start)})
+            log.append({"step": step, "loss": round(loss.item(), 3), "seconds": round(time.perf_counter() - start)})
             print(json.dumps(log[-1]), flush=True)
     model.eval().save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
