@@ -31,13 +31,14 @@ import bench_pruning  # noqa: E402
 
 from optimum_permllm.pipeline import layerwise  # noqa: E402
 from optimum_permllm.pipeline.statistics import collect_statistics  # noqa: E402
+from optimum_permllm.pipeline.structure import _matches  # noqa: E402
 
 
 def split_groups(groups: list[list[str]], own: list[str]) -> list[list[str]]:
     """Each member whose name ends with one of `own` becomes a group of its own; the rest stay together."""
     out = []
     for group in groups:
-        alone = [name for name in group if any(name == s or name.endswith("." + s) for s in own)]
+        alone = [name for name in group if _matches(name, own)]
         rest = [name for name in group if name not in alone]
         out += ([rest] if rest else []) + [[name] for name in alone]
     return out
