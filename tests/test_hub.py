@@ -87,9 +87,12 @@ def test_template_with_missing_fields_is_a_clear_error(sparse_model, tmp_path):
         hub.create_model_card(sparse_model, base_model=BASE, license="mit", template=template)
 
 
-def test_shipped_template_is_the_one_in_model_cards():
-    repo_copy = Path(__file__).parents[1] / "model_cards" / "permllm_model_card.md"
-    assert hub.template_path().read_text() == repo_copy.read_text()
+def test_the_template_ships_as_package_data():
+    import tomllib
+    package = Path(hub.__file__).parent
+    globs = tomllib.loads((package.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = [p for pattern in globs["optimum_permllm"] for p in package.glob(pattern)]
+    assert hub.template_path() in shipped and not hub.template_path().is_symlink()
 
 
 def test_a_dense_model_and_a_local_base_path_are_refused(sparse_model, tmp_path):

@@ -22,9 +22,9 @@ LAYERS = [
 
 
 def _modules() -> dict[str, Path]:
-    """Dotted module name -> file, for every module of the package (kernels/ is linked in as a subpackage)."""
+    """Dotted module name -> file, for every module of the package."""
     modules = {}
-    paths = [Path(folder, f) for folder, _, files in os.walk(PACKAGE, followlinks=True) for f in files]
+    paths = [Path(folder, f) for folder, _, files in os.walk(PACKAGE) for f in files]
     for path in (p for p in paths if p.suffix == ".py"):
         parts = ("optimum_permllm",) + path.relative_to(PACKAGE).with_suffix("").parts
         modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
