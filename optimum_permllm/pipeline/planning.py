@@ -13,7 +13,7 @@ import torch
 
 from ..algorithms.gram_mask import gram_mask
 from ..algorithms.heuristic_permutation import head_shared_permutation, heuristic_permutation, retained_score
-from ..algorithms.refit import refit_best_of
+from ..algorithms.refit import DampedGram, refit_best_of, regularised_damp
 from ..algorithms.scores import obs_feature_weights, score_fn
 from ..algorithms.sparsegpt import sparsegpt_prune
 from ..algorithms.statistics import InputStatistics
@@ -25,6 +25,9 @@ from .plan import PruningPlan
 # assignment's cost grows fast past ~1k groups, blocks keep almost all of its gain (BENCHMARKS.md,
 # "Heuristic permutation cost").
 LSA_BLOCK = 256
+# lsq refits the Gram-chosen mask afterwards, which makes up for most of what sweeps 4-8 add: 3 sweeps leave its
+# held-out error within 0.4% of 8 sweeps' at 3/8 of the search's cost (research/FINDINGS.md).
+LSQ_GRAM_SWEEPS = 3
 
 
 @dataclass
@@ -48,7 +51,8 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, plan: P
     """
     n, m = plan.pattern.n, plan.pattern.m
     metric = plan.permutation_metric
-    norms = _score_norms(stats, plan)
+    system = _refit_system(stats, plan)
+    norms = _score_norms(stats, plan, system)
     dense = {name: w.detach().float() for name, w in weights.items()}
     scores = torch.cat([score_fn(metric)(w, norms) for w in dense.values()])
     width = scores.shape[1]
@@ -65,7 +69,7 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, plan: P
         learn = learn or (lambda w, s, p: learn_group_permutation(w, s, p, plan))
         perm, learned_info = learn(list(dense.values()), stats, perm)
         info.update(learned_info)
-    pruned, masks = _prune_members(weights, dense, scores, stats, perm, plan)
+    pruned, masks = _prune_members(weights, dense, scores, stats, perm, plan, system, info)
     return GroupPlan(perm=perm, weights=pruned, masks=masks, info=info)
 
 
@@ -85,39 +89,58 @@ def learn_group_permutation(weights, stats, init_perm: torch.Tensor, plan: Pruni
     return result.perm, {"init_loss": result.init_loss, "learned_loss": result.best_loss}
 
 
-def _score_norms(stats: InputStatistics, plan: PruningPlan) -> torch.Tensor | None:
+def _refit_system(stats: InputStatistics, plan: PruningPlan) -> DampedGram | None:
+    """lsq's damped Gram matrix and its inverse, regularised for the calibration tokens the input saw."""
+    if plan.metric != "lsq":
+        return None
+    return DampedGram.from_gram(stats.gram(), regularised_damp(plan.damp, stats.in_features, stats.num_tokens))
+
+
+def _score_norms(stats: InputStatistics, plan: PruningPlan, system: DampedGram | None = None) -> torch.Tensor | None:
     """The per-input factor of the scores that choose the permutation: none for magnitude, the OBS weights
     for lsq (whose refit is the compensation they assume), the feature norms ||x_j|| otherwise."""
     if plan.permutation_metric == "magnitude":
         return None
     if plan.metric == "lsq":
-        return obs_feature_weights(stats.gram(), plan.damp)
+        return obs_feature_weights(system or _refit_system(stats, plan))
     return stats.feature_norms()
 
 
-def _prune_members(weights, dense, scores, stats, perm, plan: PruningPlan):
+def _prune_members(weights, dense, scores, stats, perm, plan: PruningPlan, system: DampedGram | None, info: dict):
     """Prune each member in permuted order: by its scores, by SparseGPT with a weight update, by the
     scores' mask improved on the exact output error (metric "gram"), or (metric "lsq") by SparseGPT's
     mask or the Gram-chosen one, whichever fits each row better after a least-squares refit."""
     n, m = plan.pattern.n, plan.pattern.m
     pruned, masks, row = {}, {}, 0
+    damp = system.damp if system is not None else plan.damp
     hessian = stats.hessian() if plan.metric in ("sparsegpt", "lsq") else None
     gram = stats.gram()[perm][:, perm] if plan.metric in ("gram", "lsq") else None
+    permuted = system.permuted(perm) if system is not None else None
     for name, w in dense.items():
         rows, wp = w.shape[0], w[:, perm]
         if plan.metric == "sparsegpt":
-            new, mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=plan.damp)
+            new, mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=damp)
         else:
             mask = nm_mask(scores[row:row + rows][:, perm], n, m)
             if gram is not None:  # the Gram-chosen mask: metric "gram", and lsq's second candidate
-                mask = gram_mask(wp, gram, mask, n, m)
+                mask = gram_mask(wp, gram, mask, n, m, **({"sweeps": LSQ_GRAM_SWEEPS} if system is not None else {}))
             new = wp.masked_fill(~mask, 0)
-        if plan.metric == "lsq":
-            sparsegpt_mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=plan.damp)[1]
-            new, mask = refit_best_of(wp, gram, [sparsegpt_mask, mask], damp=plan.damp)
+        if plan.metric == "lsq":  # SparseGPT's candidate starts from its own update, which is most of the way
+            sparsegpt_weight, sparsegpt_mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=damp)
+            new, mask, fits = refit_best_of(wp, permuted, [sparsegpt_mask, mask], starts=[sparsegpt_weight, None])
+            _record_refit(info, name, fits)
         pruned[name], masks[name] = new.to(weights[name].dtype), mask
         row += rows
+    if system is not None:
+        info["damp"] = damp
     return pruned, masks
+
+
+def _record_refit(info: dict, name: str, fits) -> None:
+    """Per linear and candidate mask: the refit's iterations (largest, mean) and rows stopped at the cap."""
+    info.setdefault("refit", {})[name] = [
+        {"iterations_max": int(fit.iterations.max()), "iterations_mean": round(float(fit.iterations.float().mean()), 2),
+         "unconverged_rows": int((~fit.converged).sum())} for fit in fits]
 
 
 def block_size_for(width: int, requested: int, m: int) -> int:

@@ -1,4 +1,5 @@
-"""Checks run before a prune changes anything: finite weights and inputs, and the learned block sizes used."""
+"""Checks run before a prune changes anything: finite weights and inputs, the learned block sizes used, and
+whether the calibration is large enough for the least-squares refit."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from .plan import PruningPlan
+from ..algorithms.refit import FEW_TOKENS_PER_INPUT, regularised_damp
 from .planning import block_size_for
 
 logger = logging.getLogger(__name__)
@@ -49,3 +51,18 @@ def warn_block_sizes(linears: dict[str, nn.Linear], plan: PruningPlan) -> None:
         more = f" and {len(other) - 3} more" if len(other) > 3 else ""
         logger.warning("block_size=%d does not divide the input width of %s%s; those layers use the largest block "
                        "size that does.", block_size, shown, more)
+
+
+def warn_few_tokens(linears: dict[str, nn.Linear], plan: PruningPlan, tokens: int) -> None:
+    """Say when lsq refits layers wider than the calibration can support: it regularises them more strongly
+    (`regularised_damp`), and more calibration tokens would make them more accurate."""
+    if plan.metric != "lsq" or not linears:
+        return
+    widest = max(linear.in_features for linear in linears.values())
+    if tokens < FEW_TOKENS_PER_INPUT * widest:
+        logger.warning(
+            "lsq refits %d kept weights per row of the widest layer (%d inputs) on %d calibration tokens: with fewer "
+            "than %d tokens per input the refit fits the calibration text and gains less on other text, so it is "
+            "damped more (damp=%.3g there). For its full accuracy calibrate on at least %d tokens "
+            "(num_samples x seq_len).", widest * plan.pattern.n // plan.pattern.m, widest, tokens,
+            FEW_TOKENS_PER_INPUT, regularised_damp(plan.damp, widest, tokens), FEW_TOKENS_PER_INPUT * widest)
