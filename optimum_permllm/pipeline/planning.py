@@ -7,6 +7,8 @@ layer, the pruned weight and mask in permuted column order come out.
 from __future__ import annotations
 
 import math
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -51,25 +53,30 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, plan: P
     """
     n, m = plan.pattern.n, plan.pattern.m
     metric = plan.permutation_metric
-    system = _refit_system(stats, plan)
+    info: dict = {}
+    timed = _PartTimer(info, next(iter(weights.values())).device)
+    with timed("gram_inverse"):
+        system = _refit_system(stats, plan)
     norms = _score_norms(stats, plan, system)
     dense = {name: w.detach().float() for name, w in weights.items()}
     scores = torch.cat([score_fn(metric)(w, norms) for w in dense.values()])
     width = scores.shape[1]
-    info = {"identity_score": retained_score(scores, identity_permutation(width), n, m)}
+    info["identity_score"] = retained_score(scores, identity_permutation(width), n, m)
     perm = identity_permutation(width, scores.device)
     if plan.permutation in ("heuristic", "learned"):
         groups = width // m
-        if heads is not None:
-            perm = head_shared_permutation(scores, *heads, n, m)
-        else:
-            perm = heuristic_permutation(scores, n, m, max_groups_per_lsa=LSA_BLOCK if groups > 4 * LSA_BLOCK else None)
+        with timed("permutation"):
+            if heads is not None:
+                perm = head_shared_permutation(scores, *heads, n, m)
+            else:
+                perm = heuristic_permutation(scores, n, m, max_groups_per_lsa=LSA_BLOCK if groups > 4 * LSA_BLOCK else None)
         info["heuristic_score"] = retained_score(scores, perm, n, m)
     if plan.permutation == "learned":
         learn = learn or (lambda w, s, p: learn_group_permutation(w, s, p, plan))
-        perm, learned_info = learn(list(dense.values()), stats, perm)
+        with timed("learned_permutation"):
+            perm, learned_info = learn(list(dense.values()), stats, perm)
         info.update(learned_info)
-    pruned, masks = _prune_members(weights, dense, scores, stats, perm, plan, system, info)
+    pruned, masks = _prune_members(weights, dense, scores, stats, perm, plan, system, info, timed)
     return GroupPlan(perm=perm, weights=pruned, masks=masks, info=info)
 
 
@@ -106,7 +113,8 @@ def _score_norms(stats: InputStatistics, plan: PruningPlan, system: DampedGram |
     return stats.feature_norms()
 
 
-def _prune_members(weights, dense, scores, stats, perm, plan: PruningPlan, system: DampedGram | None, info: dict):
+def _prune_members(weights, dense, scores, stats, perm, plan: PruningPlan, system: DampedGram | None, info: dict,
+                   timed):
     """Prune each member in permuted order: by its scores, by SparseGPT with a weight update, by the
     scores' mask improved on the exact output error (metric "gram"), or (metric "lsq") by SparseGPT's
     mask or the Gram-chosen one, whichever fits each row better after a least-squares refit."""
@@ -119,21 +127,44 @@ def _prune_members(weights, dense, scores, stats, perm, plan: PruningPlan, syste
     for name, w in dense.items():
         rows, wp = w.shape[0], w[:, perm]
         if plan.metric == "sparsegpt":
-            new, mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=damp)
+            with timed("sparsegpt"):
+                new, mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=damp)
         else:
             mask = nm_mask(scores[row:row + rows][:, perm], n, m)
             if gram is not None:  # the Gram-chosen mask: metric "gram", and lsq's second candidate
-                mask = gram_mask(wp, gram, mask, n, m, **({"sweeps": LSQ_GRAM_SWEEPS} if system is not None else {}))
+                with timed("gram_mask"):
+                    mask = gram_mask(wp, gram, mask, n, m, **({"sweeps": LSQ_GRAM_SWEEPS} if system is not None else {}))
             new = wp.masked_fill(~mask, 0)
         if plan.metric == "lsq":  # SparseGPT's candidate starts from its own update, which is most of the way
-            sparsegpt_weight, sparsegpt_mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=damp)
-            new, mask, fits = refit_best_of(wp, permuted, [sparsegpt_mask, mask], starts=[sparsegpt_weight, None])
+            with timed("sparsegpt"):
+                sparsegpt_weight, sparsegpt_mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=damp)
+            with timed("refit"):
+                new, mask, fits = refit_best_of(wp, permuted, [sparsegpt_mask, mask], starts=[sparsegpt_weight, None])
             _record_refit(info, name, fits)
         pruned[name], masks[name] = new.to(weights[name].dtype), mask
         row += rows
     if system is not None:
         info["damp"] = damp
     return pruned, masks
+
+
+class _PartTimer:
+    """Wall seconds of each part of a group's planning, added up in `info["seconds"]` (what the layer log and
+    benchmarks/bench_lsq_cost.py report); CUDA work is synchronised so that each part is charged its own time."""
+
+    def __init__(self, info: dict, device: torch.device):
+        self.seconds = info.setdefault("seconds", {})
+        self.cuda = device.type == "cuda"
+
+    @contextmanager
+    def __call__(self, part: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
 
 
 def _record_refit(info: dict, name: str, fits) -> None:
