@@ -91,6 +91,36 @@ def test_missing_norm_output_perm_is_refused(folded_dir, tmp_path):
     _refused(tmp_path, f"{NORM}.output_perm", "missing")
 
 
+@pytest.fixture(scope="module")
+def biased_dirs(tmp_path_factory):
+    """Qwen2 (q/k/v biases, RMSNorm) and OPT (biases, LayerNorm) pruned with folded permutations, saved."""
+    tokenizer = tiny_tokenizer()
+    folders = {}
+    for family in ("qwen2", "opt"):
+        model = tiny_model(family, vocab=len(tokenizer))
+        config = PermLLMConfig(metric="wanda", permutation="heuristic", dataset=TEXT, num_samples=4, seq_len=32)
+        PermLLMSparsifier(config).sparsify_model(model, tokenizer, progress=False)
+        folders[family] = tmp_path_factory.mktemp(family)
+        model.save_pretrained(folders[family])
+    return folders
+
+
+@pytest.mark.parametrize("family, tensor", [
+    ("qwen2", "model.layers.0.self_attn.q_proj.bias"),
+    ("qwen2", "model.layers.1.input_layernorm.weight"),
+    ("opt", "model.decoder.layers.0.fc2.bias"),
+    ("opt", "model.decoder.layers.1.self_attn_layer_norm.bias"),
+    ("opt", "model.decoder.layers.0.final_layer_norm.weight"),
+])
+def test_a_missing_bias_or_permuted_norm_tensor_is_refused(biased_dirs, family, tensor, tmp_path):
+    """Missing tensors of sparse layers and permuted norms are an error, never zeros or uninitialised memory."""
+    config = json.loads((biased_dirs[family] / "config.json").read_text())["quantization_config"]
+    owner = tensor.rpartition(".")[0]
+    assert owner in config["converted_modules"] or owner in config["permuted_norms"]
+    _edit_tensors(_copy(biased_dirs[family], tmp_path), lambda tensors: tensors.pop(tensor))
+    _refused(tmp_path, tensor, "missing")
+
+
 def test_duplicate_norm_output_perm_index_is_refused(folded_dir, tmp_path):
     def duplicate(tensors):
         tensors[f"{NORM}.output_perm"][5] = tensors[f"{NORM}.output_perm"][6]
