@@ -161,6 +161,35 @@ def test_non_finite_packed_values_are_refused(folded_dir, tmp_path):
     _refused(tmp_path, f"{LAYER}.weight has 1 NaN")
 
 
+def _as_int32_bits(tensors, key):
+    """What editing the safetensors header from F32 to I32 does: the same bytes, read as integers."""
+    tensors[key] = tensors[key].view(torch.int32)
+
+
+@pytest.mark.parametrize("tensor", [f"{LAYER}.weight", f"{NORM}.weight"])
+def test_float_values_stored_as_integers_are_refused(folded_dir, tensor, tmp_path):
+    _edit_tensors(_copy(folded_dir, tmp_path), lambda tensors: _as_int32_bits(tensors, tensor))
+    _refused(tmp_path, f"{tensor} is stored as torch.int32", "floating point")
+
+
+def test_a_bias_stored_as_integers_is_refused(biased_dirs, tmp_path):
+    tensor = "model.layers.0.self_attn.k_proj.bias"
+    _edit_tensors(_copy(biased_dirs["qwen2"], tmp_path), lambda tensors: _as_int32_bits(tensors, tensor))
+    _refused(tmp_path, f"{tensor} is stored as torch.int32", "floating point")
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.uint8])
+@pytest.mark.parametrize("tensor", [f"{LAYER}.input_perm", f"{NORM}.output_perm"])
+def test_a_permutation_stored_as_another_integer_type_is_refused(folded_dir, tensor, dtype, tmp_path):
+    """The format stores permutations as int64; any other dtype is refused, not converted (README)."""
+    def narrow(tensors):
+        assert int(tensors[tensor].max()) < 256  # the values fit: only the dtype is wrong
+        tensors[tensor] = tensors[tensor].to(dtype)
+
+    _edit_tensors(_copy(folded_dir, tmp_path), narrow)
+    _refused(tmp_path, f"{tensor} is stored as {dtype}", "torch.int64")
+
+
 def test_every_problem_is_listed(folded_dir, tmp_path):
     def break_two(tensors):
         for name in (LAYER, "model.layers.1.self_attn.o_proj"):
