@@ -149,26 +149,22 @@ def _reader_names(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _norm_readers(model: nn.Module) -> dict[int, list[nn.Module]]:
-    """The linears reading each PermutedOutputNorm (keyed by id), from what each norm recorded at folding.
+    """The linears reading each PermutedOutputNorm (keyed by id), from what each norm recorded at folding (a
+    loaded checkpoint's record is checked, or filled in, at load: pipeline/norm_readers.py).
 
-    Norms loaded from a checkpoint written before the record existed have none: for those models the
-    readers are found as before, by one probe forward with hooks."""
+    Norms that record none (wrapped by hand, without a checkpoint's record) are probed with one forward."""
     norms = [m for m in model.modules() if isinstance(m, PermutedOutputNorm)]
     if not norms:
         return {}
     recorded = _recorded_readers(model, norms)
     if recorded is not None:
         return recorded
-    logger.warning("This model's permuted norms do not record which layers read them (a checkpoint "
-                   "written by an older optimum-permllm): finding them with one forward pass.")
-    from .pipeline.folding import norm_consumers
+    logger.warning("This model's permuted norms do not record which layers read them: finding them with one "
+                   "forward pass.")
+    from .pipeline.norm_readers import probe_norm_readers
 
-    device = execution_device([model]) or next(model.parameters()).device
-    probe = torch.zeros(1, 8, dtype=torch.long, device=device)
-    with torch.no_grad():
-        consumers = norm_consumers(model, lambda: model(input_ids=probe, use_cache=False))
     return {id(model.get_submodule(name)): [model.get_submodule(reader) for reader in names]
-            for name, names in consumers.items() if name}
+            for name, names in probe_norm_readers(model).items() if name}
 
 
 def _recorded_readers(model: nn.Module, norms: list[PermutedOutputNorm]) -> dict[int, list[nn.Module]] | None:

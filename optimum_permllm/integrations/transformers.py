@@ -3,7 +3,9 @@
 - Dense checkpoint + PermLLMConfig: the model loads densely, then is pruned (like GPTQ's integration).
 - permllm checkpoint: PermutedSparseLinear modules are put in place before the weights load, for exactly
   the layers whose packed tensors the checkpoint holds; a missing tensor of a sparse layer or a permuted
-  norm (a bias, a norm's weight) or a tensor of the wrong shape is an error, never zeros or random weights. After loading, every permutation and mask is checked (`nn/validation.py`).
+  norm (a bias, a norm's weight) or a tensor of the wrong shape is an error, never zeros or random weights.
+  After loading, every permutation, mask and dtype is checked (`nn/validation.py`), and so are the recorded
+  readers of each permuted norm (`pipeline/norm_readers.py`, one probe forward).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..config import PermLLMConfig
 from ..nn.validation import CheckpointError, check_sparse_modules
+from ..pipeline.norm_readers import check_norm_readers
 from ..sparsifier import PermLLMSparsifier
 
 class PermLLMHfQuantizer(HfQuantizer):
@@ -39,6 +42,7 @@ class PermLLMHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
             check_sparse_modules(model, getattr(model, "name_or_path", None))
+            check_norm_readers(model, getattr(model, "name_or_path", None))
         else:
             self.sparsifier.sparsify_model(model, self.quantization_config.tokenizer or model.name_or_path)
         return model

@@ -129,6 +129,40 @@ def test_duplicate_norm_output_perm_index_is_refused(folded_dir, tmp_path):
     _refused(tmp_path, f"{NORM}.output_perm", "not a bijection")
 
 
+def _readers(folder) -> dict:
+    return json.loads((folder / "config.json").read_text())["quantization_config"]["permuted_norms"]
+
+
+@pytest.mark.parametrize("other", ["model.layers.0.post_attention_layernorm", "model.layers.1.input_layernorm"])
+def test_swapped_readers_of_permuted_norms_are_refused(folded_dir, other, tmp_path):
+    """Swapped records keep the sparse model right but would give the permutations to the wrong linears at
+    dense export; they are checked against the linears that read each norm in this model."""
+    readers = _readers(_copy(folded_dir, tmp_path))
+    assert readers[NORM] != readers[other]
+    _edit_config(tmp_path, permuted_norms={**readers, NORM: readers[other], other: readers[NORM]})
+    error = _refused(tmp_path, "permuted_norms", "does not match the model")
+    assert len(error.problems) == 2
+    assert all(name in " ".join(error.problems) for name in (NORM, other, *readers[NORM], *readers[other]))
+
+
+def test_a_reader_left_out_of_the_record_is_refused(folded_dir, tmp_path):
+    readers = _readers(_copy(folded_dir, tmp_path))
+    _edit_config(tmp_path, permuted_norms={**readers, NORM: readers[NORM][:-1]})
+    _refused(tmp_path, f"permuted_norms[{NORM!r}]", readers[NORM][-1])
+
+
+def test_a_checkpoint_without_recorded_readers_finds_them_and_dequantizes_exactly(folded_dir, tmp_path):
+    """Checkpoints written before the readers were recorded list only the norms' names."""
+    readers = _readers(_copy(folded_dir, tmp_path))
+    _edit_config(tmp_path, permuted_norms=sorted(readers))
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    sparse = AutoModelForCausalLM.from_pretrained(folded_dir)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert {n: list(m.readers) for n, m in loaded.named_modules() if hasattr(m, "output_perm")} == readers
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.dequantize()(ids).logits, sparse(ids).logits, rtol=1e-4, atol=1e-5)
+
+
 def test_mask_that_is_not_n_m_is_refused(folded_dir, tmp_path):
     """Four kept in one group and none in the next: the same number of kept entries, but not 2:4."""
     def unbalance(tensors):

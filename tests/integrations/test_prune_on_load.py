@@ -61,7 +61,7 @@ def test_too_little_calibration_text_is_a_clear_error(tmp_path):
 def test_checkpoint_records_the_readers_of_permuted_norms_so_dequantize_needs_no_probe(tmp_path, monkeypatch):
     import json
 
-    from optimum_permllm.pipeline import folding
+    from optimum_permllm.pipeline import folding, norm_readers
 
     path, tokenizer = _dense_checkpoint(tmp_path)
     config = PermLLMConfig(metric="wanda", permutation="heuristic", dataset=TEXT, num_samples=4, seq_len=32)
@@ -78,7 +78,9 @@ def test_checkpoint_records_the_readers_of_permuted_norms_so_dequantize_needs_no
     def no_probe(*args, **kwargs):
         raise AssertionError("dequantize ran a probe forward although the readers are recorded")
 
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")  # loading checks the record with a probe
     monkeypatch.setattr(folding, "norm_consumers", no_probe)
-    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse").dequantize()
+    monkeypatch.setattr(norm_readers, "probe_norm_readers", no_probe)
+    dense = loaded.dequantize()
     assert not any(isinstance(m, (PermutedOutputNorm, PermutedSparseLinear)) for m in dense.modules())
     torch.testing.assert_close(dense(ids).logits, reference, rtol=1e-4, atol=1e-5)
