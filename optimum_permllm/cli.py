@@ -203,6 +203,8 @@ def run_eval(args) -> int:
     tasks = _tasks(args.tasks, DEFAULT_TASKS)
     if args.no_perplexity and not tasks:
         raise UsageError("nothing to evaluate: --no-perplexity with --tasks none")
+    if args.output_json:
+        _check_output_file(Path(args.output_json), "--output-json")
     model, tokenizer = _load_model(args.model, args.tokenizer, args.device, args.dtype)
     results = {"evaluation": _evaluation_note(args)}
     if not args.no_perplexity:
@@ -318,11 +320,32 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 # ------------------------------------------------------------------ helpers
 def _check_output(path: str, overwrite: bool) -> Path:
-    """The output folder, refused early when it exists (unless --overwrite) or is a file."""
+    """The output folder, refused before any work when it exists (unless --overwrite), is a file, or cannot be
+    created there."""
     output = Path(path)
     if output.exists() and (output.is_file() or not overwrite):
         raise CLIError(f"{output} already exists: choose another --output or pass --overwrite")
+    _check_writable_place(output, "--output")
     return output
+
+
+def _check_output_file(path: Path, option: str) -> None:
+    """An output file, refused before any work when it is a folder or cannot be created there."""
+    if path.is_dir():
+        raise CLIError(f"{option} {path} is a folder: give a file name")
+    _check_writable_place(path, option)
+
+
+def _check_writable_place(path: Path, option: str) -> None:
+    """Refuse `path` when its nearest existing parent is a file or a folder this user cannot write in, so that a
+    long run does not fail only when it saves."""
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"cannot create {option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"cannot create {option} {path}: no permission to write in {parent}")
 
 
 def _write_text_atomically(path: Path, text: str) -> None:

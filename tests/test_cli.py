@@ -1,6 +1,7 @@
 """The `permllm` command line on a tiny model: every command, exit codes, atomic outputs, optimum-cli."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -309,3 +310,49 @@ def test_prune_without_permutation_saves_and_records_damp(dense_dir, tmp_path):
     assert config["damp"] == 0.2
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert loaded.config.quantization_config.damp == 0.2
+
+
+def _no_work(monkeypatch):
+    """Make loading a model fail loudly: a refusal that comes before any work never reaches it."""
+    def started(*args, **kwargs):
+        raise AssertionError("the command started its work before refusing the output")
+
+    monkeypatch.setattr(cli, "_load_dense", started)
+    monkeypatch.setattr(cli, "_load_model", started)
+
+
+@pytest.mark.parametrize("command", ["prune", "export-dense"])
+@pytest.mark.parametrize("under", ["file/out", "file/deeper/out"])
+def test_an_output_under_a_file_is_refused_before_any_work(dense_dir, command, under, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    _no_work(monkeypatch)
+    output = tmp_path / under
+    assert cli.main([command, str(dense_dir), "--output", str(output)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'file'} is a file" in err and str(output) in err and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_an_output_in_a_read_only_folder_is_refused_before_any_work(dense_dir, tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):
+        locked.chmod(0o700)
+        pytest.skip("this user may write in a read-only folder (root)")
+    _no_work(monkeypatch)
+    try:
+        assert cli.main(["prune", str(dense_dir), "--output", str(locked / "out")]) == 1
+    finally:
+        locked.chmod(0o700)
+    assert f"no permission to write in {locked}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("under", ["file/results.json", "folder"])
+def test_an_eval_results_path_that_cannot_be_written_is_refused_before_any_work(sparse_dir, under, tmp_path, capsys,
+                                                                                 monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "folder").mkdir()
+    _no_work(monkeypatch)
+    assert cli.main(["eval", str(sparse_dir), "--output-json", str(tmp_path / under)]) == 1
+    err = capsys.readouterr().err
+    assert "--output-json" in err and ("is a file" in err or "is a folder" in err)
