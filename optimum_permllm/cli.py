@@ -178,6 +178,7 @@ def run_prune(args) -> int:
     if bool(args.model) == bool(args.gguf_file):
         raise UsageError("give either a model id/folder or --gguf-file (exactly one)")
     output = _check_output(args.output, args.overwrite)
+    _device(args.device)  # an unavailable device is refused before any work
     from .config import PermLLMConfig
     from .saving import save_pretrained
     from .sparsifier import PermLLMSparsifier
@@ -205,6 +206,7 @@ def run_eval(args) -> int:
         raise UsageError("nothing to evaluate: --no-perplexity with --tasks none")
     if args.output_json:
         _check_output_file(Path(args.output_json), "--output-json")
+    _device(args.device)
     model, tokenizer = _load_model(args.model, args.tokenizer, args.device, args.dtype)
     results = {"evaluation": _evaluation_note(args)}
     if not args.no_perplexity:
@@ -362,9 +364,12 @@ def _torch_dtype(name: str | None):
 
 
 def _device(name: str | None) -> str:
+    """The --device to use (default: cuda when available, else cpu), refused when this machine does not have it."""
     import torch
 
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .pipeline.preflight import check_device
+
+    return str(check_device(name)) if name else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _load_model(source: str, tokenizer_source: str | None, device: str | None, dtype: str | None,

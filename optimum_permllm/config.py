@@ -108,8 +108,10 @@ class PermLLMConfig(QuantizationConfigMixin):
         **kwargs,
     ):
         if kwargs:
+            where = (" The device is not a setting: prune on it with PermLLMSparsifier(config).sparsify_model(model, "
+                     f"tokenizer, device={kwargs['device']!r}), or load the model there." if "device" in kwargs else "")
             raise TypeError(
-                f"PermLLMConfig got unknown arguments {sorted(kwargs)}; see help(PermLLMConfig) for the valid ones."
+                f"PermLLMConfig got unknown arguments {sorted(kwargs)}; see help(PermLLMConfig) for the valid ones.{where}"
             )
         self.quant_method = "permllm"
         if quant_method != "permllm":

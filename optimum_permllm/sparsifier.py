@@ -13,7 +13,7 @@ from .config import PermLLMConfig
 from .nn.permuted_norm import PermutedOutputNorm
 from .nn.permuted_sparse_linear import PermutedSparseLinear
 from .pipeline.offload import align_hooks, execution_device, on_device
-from .pipeline.preflight import check_finite_weights, warn_block_sizes
+from .pipeline.preflight import check_device, check_finite_weights, warn_block_sizes
 from .pipeline.rollback import restored_on_error
 from .pipeline.structure import prunable_linears, set_submodule
 from .sparse.permutation import compose
@@ -52,6 +52,7 @@ class PermLLMSparsifier:
         """
         config = self.config
         plan = config.to_plan()
+        device = check_device(device) if device is not None else None
         linears = prunable_linears(model, config.modules_to_not_convert)
         check_finite_weights(linears)
         warn_block_sizes(linears, plan)

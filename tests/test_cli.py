@@ -356,3 +356,20 @@ def test_an_eval_results_path_that_cannot_be_written_is_refused_before_any_work(
     assert cli.main(["eval", str(sparse_dir), "--output-json", str(tmp_path / under)]) == 1
     err = capsys.readouterr().err
     assert "--output-json" in err and ("is a file" in err or "is a folder" in err)
+
+
+@pytest.mark.parametrize("command", ["prune", "eval"])
+@pytest.mark.parametrize("device, cuda_devices, message", [
+    ("cuda", 0, "device 'cuda' is not available"),
+    ("cuda:3", 1, "device 'cuda:3' is not available: this machine has 1 cuda device"),
+    ("gpu", 0, "'gpu' is not a device"),
+])
+def test_an_unavailable_or_unknown_device_is_one_line_error_before_any_work(dense_dir, command, device, cuda_devices,
+                                                                           message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    _no_work(monkeypatch)
+    output = ["--output", str(tmp_path / "out")] if command == "prune" else []
+    assert cli.main([command, str(dense_dir), "--device", device, *output]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "cpu" in err and err.count("\n") == 1

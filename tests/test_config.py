@@ -170,3 +170,27 @@ def test_a_module_name_that_matches_nothing_is_refused_with_near_matches(skip, s
     assert repr(skip) in str(info.value) and repr(suggestion) in str(info.value)
     assert "'lm_head'" not in str(info.value)  # the name that does match is not blamed
     assert _sparse_and_dense(model)[0] == set()  # refused before anything changed
+
+
+def test_a_device_given_to_the_config_says_where_it_goes():
+    with pytest.raises(TypeError, match=r"sparsify_model\(model, tokenizer, device='cuda'\)"):
+        PermLLMConfig(device="cuda")
+
+
+def test_sparsifying_on_an_unavailable_device_is_refused_before_any_change(monkeypatch):
+    import torch
+
+    from optimum_permllm import PermLLMSparsifier
+
+    from .conftest import tiny_model
+    from .data.tiny_text import SENTENCES, tiny_tokenizer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", vocab=len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = PermLLMConfig(dataset=[" ".join(SENTENCES) * 4] * 4, num_samples=4, seq_len=32)
+    with pytest.raises(ValueError, match="device 'cuda' is not available"):
+        PermLLMSparsifier(config).sparsify_model(model, tokenizer, progress=False, device="cuda")
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

@@ -1,4 +1,4 @@
-"""Checks run before a prune changes anything: finite weights and inputs, and the learned block sizes used."""
+"""Checks run before a prune changes anything: the device, finite weights and inputs, the learned block sizes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,25 @@ from .plan import PruningPlan
 from .planning import block_size_for
 
 logger = logging.getLogger(__name__)
+
+
+def check_device(device) -> torch.device:
+    """`device` as a torch.device, refused with a clear error when it names no device or none this machine has
+    (torch's own error would be a bare AssertionError, "Torch not compiled with CUDA enabled")."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{device!r} is not a device: use 'cpu', 'cuda', 'cuda:1', ...") from error
+    backend = getattr(torch, parsed.type, None) if parsed.type != "cpu" else None
+    if backend is None or not hasattr(backend, "is_available"):  # the CPU, or a backend that cannot say
+        return parsed
+    count = backend.device_count() if backend.is_available() and hasattr(backend, "device_count") else 0
+    if not backend.is_available() or (parsed.index is not None and count and parsed.index >= count):
+        found = (f"this machine has {count} {parsed.type} device(s)" if count else
+                 f"torch.{parsed.type}.is_available() is False (no such device, or a torch built without it)")
+        raise ValueError(f"device {str(parsed)!r} is not available: {found}. Use the CPU (device 'cpu', "
+                         "`--device cpu`), or run where that device is.")
+    return parsed
 
 
 @torch.no_grad()
