@@ -402,6 +402,13 @@ def _check_source(source: str) -> None:
     before transformers tries the Hub with it."""
     if Path(source).expanduser().exists():
         return
+    from .saving import interrupted_backup
+
+    backup = interrupted_backup(Path(source).expanduser())
+    if backup is not None:
+        raise CLIError(f"{source}: no such folder, but a save into it was interrupted and left the previous checkpoint "
+                       f"in {backup}: rename it back (mv {backup} {source}), or save into {source} again, which "
+                       "puts it back first")
     if source.startswith((".", "/", "~")) or source.count("/") != 1 or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         raise CLIError(f"{source}: no such local folder (a Hub model id has the form namespace/name)")
 

@@ -373,3 +373,15 @@ def test_an_unavailable_or_unknown_device_is_one_line_error_before_any_work(dens
     assert cli.main([command, str(dense_dir), "--device", device, *output]) == 1
     err = capsys.readouterr().err
     assert message in err and "cpu" in err and err.count("\n") == 1
+
+
+def test_a_checkpoint_moved_aside_by_an_interrupted_save_is_named_when_loading(sparse_dir, tmp_path, capsys):
+    """An overwrite killed between its two renames leaves the previous checkpoint in .NAME.old-PID-*."""
+    backup = tmp_path / ".model.old-12345-abcd"
+    backup.mkdir()
+    for path in sparse_dir.iterdir():
+        (backup / path.name).write_bytes(path.read_bytes())
+    assert cli.main(["info", str(tmp_path / "model")]) == 1
+    err = capsys.readouterr().err
+    assert f"left the previous checkpoint in {backup}" in err and f"mv {backup} {tmp_path / 'model'}" in err
+    assert backup.is_dir() and not (tmp_path / "model").exists()  # loading moves nothing
