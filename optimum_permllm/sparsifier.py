@@ -52,6 +52,7 @@ class PermLLMSparsifier:
         """
         config = self.config
         plan = config.to_plan()
+        _refuse_sparse(model)
         device = check_device(device) if device is not None else None
         linears = prunable_linears(model, config.modules_to_not_convert)
         check_finite_weights(linears)
@@ -142,6 +143,17 @@ class PermLLMSparsifier:
                 _to_dense(block, readers)
         _to_dense(model, readers)
         return model
+
+
+def _refuse_sparse(model: nn.Module) -> None:
+    """A model that already holds sparse layers is not pruned again: say so, and how to prune it again."""
+    layers = sparse_modules(model)
+    if layers:
+        raise ValueError(
+            f"This model is already pruned: it has {len(layers)} sparse layers ({next(iter(layers))}, ...). To prune it "
+            "again, load the dense model it was pruned from, or call model.dequantize() first (`permllm "
+            "export-dense` on the command line: a plain model with the pruned weights at zero) and prune that."
+        )
 
 
 def _reader_names(model: nn.Module) -> dict[str, list[str]]:

@@ -385,3 +385,11 @@ def test_a_checkpoint_moved_aside_by_an_interrupted_save_is_named_when_loading(s
     err = capsys.readouterr().err
     assert f"left the previous checkpoint in {backup}" in err and f"mv {backup} {tmp_path / 'model'}" in err
     assert backup.is_dir() and not (tmp_path / "model").exists()  # loading moves nothing
+
+
+def test_pruning_a_sparse_checkpoint_says_it_is_already_pruned(sparse_dir, tmp_path, capsys):
+    assert cli.main(["prune", str(sparse_dir), "--output", str(tmp_path / "out"), "--metric", "magnitude",
+                     "--permutation", "none", "--device", "cpu", "--quiet"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading progress bar
+    assert last.startswith("permllm prune: error: This model is already pruned") and "permllm export-dense" in last
+    assert not (tmp_path / "out").exists()
