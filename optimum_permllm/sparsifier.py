@@ -150,8 +150,8 @@ def _refuse_sparse(model: nn.Module) -> None:
     layers = sparse_modules(model)
     if layers:
         raise ValueError(
-            f"This model is already pruned: it has {len(layers)} sparse layers ({next(iter(layers))}, ...). To prune it "
-            "again, load the dense model it was pruned from, or call model.dequantize() first (`permllm "
+            f"This model is already pruned: it has {len(layers)} sparse layers ({next(iter(layers))}, ...). To "
+            "prune it again, load the dense model it was pruned from, or call model.dequantize() first (`permllm "
             "export-dense` on the command line: a plain model with the pruned weights at zero) and prune that."
         )
 

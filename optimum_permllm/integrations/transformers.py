@@ -85,7 +85,8 @@ def permuted_norm_names(shapes: dict[str, list[int]] | None, config: PermLLMConf
     return sorted(names | recorded)
 
 
-def check_stored_tensors(model, module_names: list[str], shapes: dict[str, tuple] | None, config: PermLLMConfig) -> None:
+def check_stored_tensors(model, module_names: list[str], shapes: dict[str, tuple] | None,
+                         config: PermLLMConfig) -> None:
     """Refuse a checkpoint that lacks a tensor of a converted module (transformers would fill it with zeros or
     uninitialised memory), or stores one with another shape, naming the module, the tensor and, for packed
     values, the sparsity they imply (transformers' own size-mismatch error would not say why)."""
