@@ -324,9 +324,15 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _check_output(path: str, overwrite: bool) -> Path:
     """The output folder, refused before any work when it exists (unless --overwrite), is a file, or cannot be
     created there."""
+    from .saving import interrupted_backup
+
     output = Path(path)
     if output.exists() and (output.is_file() or not overwrite):
         raise CLIError(f"{output} already exists: choose another --output or pass --overwrite")
+    backup = interrupted_backup(output)
+    if backup is not None and not overwrite:  # the save would put it back first, then refuse
+        raise CLIError(f"{output} already exists, moved aside to {backup} by an interrupted save (the next save "
+                       "puts it back): choose another --output or pass --overwrite")
     _check_writable_place(output, "--output")
     return output
 

@@ -393,3 +393,16 @@ def test_pruning_a_sparse_checkpoint_says_it_is_already_pruned(sparse_dir, tmp_p
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading progress bar
     assert last.startswith("permllm prune: error: This model is already pruned") and "permllm export-dense" in last
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_moved_aside_by_an_interrupted_save_is_refused_before_any_work(dense_dir, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """Without --overwrite the save would put the previous checkpoint back, then refuse: after the whole prune."""
+    backup = tmp_path / ".out.old-12345-abcd"
+    backup.mkdir()
+    (backup / "config.json").write_text("{}")
+    _no_work(monkeypatch)
+    assert cli.main(["prune", str(dense_dir), "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"moved aside to {backup}" in err and "--overwrite" in err
+    assert backup.is_dir() and not (tmp_path / "out").exists()
