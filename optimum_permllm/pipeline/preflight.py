@@ -1,5 +1,5 @@
-"""Checks run before a prune changes anything: finite weights and inputs, the learned block sizes used, and
-whether the calibration is large enough for the least-squares refit."""
+"""Checks run before a prune changes anything: the device, finite weights and inputs, the learned block sizes
+used, and whether the calibration is large enough for the least-squares refit."""
 
 from __future__ import annotations
 
@@ -8,11 +8,30 @@ import logging
 import torch
 from torch import nn
 
-from .plan import PruningPlan
 from ..algorithms.refit import FEW_TOKENS_PER_INPUT, regularised_damp
+from .plan import PruningPlan
 from .planning import block_size_for
 
 logger = logging.getLogger(__name__)
+
+
+def check_device(device) -> torch.device:
+    """`device` as a torch.device, refused with a clear error when it names no device or none this machine has
+    (torch's own error would be a bare AssertionError, "Torch not compiled with CUDA enabled")."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{device!r} is not a device: use 'cpu', 'cuda', 'cuda:1', ...") from error
+    backend = getattr(torch, parsed.type, None) if parsed.type != "cpu" else None
+    if backend is None or not hasattr(backend, "is_available"):  # the CPU, or a backend that cannot say
+        return parsed
+    count = backend.device_count() if backend.is_available() and hasattr(backend, "device_count") else 0
+    if not backend.is_available() or (parsed.index is not None and count and parsed.index >= count):
+        found = (f"this machine has {count} {parsed.type} device(s)" if count else
+                 f"torch.{parsed.type}.is_available() is False (no such device, or a torch built without it)")
+        raise ValueError(f"device {str(parsed)!r} is not available: {found}. Use the CPU (device 'cpu', "
+                         "`--device cpu`), or run where that device is.")
+    return parsed
 
 
 @torch.no_grad()
