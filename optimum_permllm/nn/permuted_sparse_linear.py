@@ -148,18 +148,23 @@ class PermutedSparseLinear(nn.Module):
                 return sparse_linear(x, compressed, self.permuted_dense_weight, self.bias, DEFAULT_MIN_TOKENS)
         return F.linear(x, self._cached_dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
+    def _weight_key(self) -> tuple:
+        """What the derived weights depend on: the packed values and the mask (their place and version)."""
+        return (self.weight.device, self.weight.dtype, self.weight._version, self.weight.data_ptr(),
+                self.weight_mask._version, self.weight_mask.data_ptr())
+
     def _cached_dense_weight(self) -> torch.Tensor:
         """The unpacked weight for the dense path, kept between calls (unpacking every call costs more
         than the matmul at decode sizes). Rebuilt when the stored tensors change."""
-        key = (self.weight.device, self.weight.dtype, self.weight._version, self.weight.data_ptr(),
-               self.weight_mask._version, self.weight_mask.data_ptr())
+        key = self._weight_key()
         if self._dense is None or self._dense[0] != key:
             self._dense = (key, self.permuted_dense_weight())
         return self._dense[1]
 
     def _cuda_weight(self):
-        """The semi-structured weight for this device and dtype, or None when no kernel serves it."""
-        key = (self.weight.device, self.weight.dtype, self.weight._version, self.weight.data_ptr())
+        """The semi-structured weight for this device and dtype, or None when no kernel serves it.
+        Rebuilt when the packed values or the mask change (a stale one computes with old positions)."""
+        key = self._weight_key()
         if self._compressed is not None and self._compressed[0] == key:
             return self._compressed[1]
         from .cuda_sparse import compress_weight, semi_structured_support
