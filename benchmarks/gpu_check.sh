@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu_check.sh --dry-run        # here, on the CPU: the same steps at tiny shapes, no GPU
 #
 # Options: --out DIR (default $OUT; a new temporary folder in a dry run), --budget SECONDS (the whole run,
-# default 450 on a GPU, 300 in a dry run), --steps a,b,... (default: all, in this order):
+# default 450 on a GPU, 300 in a dry run; give the whole command a wall limit about a minute above it, e.g.
+# 540 s, so the summary is written before it), --steps a,b,... (default: all, in this order):
 #   env         card, driver, CUDA, torch, cuSPARSELt, Triton, transformers, PEFT versions; carried wheels installed
 #   gpu_tests   pytest -m gpu on the test files that hold GPU tests (tests/kernels apart)
 #   triton      pytest tests/kernels: the Triton permuted norm and its gather (interpreter and GPU)
@@ -78,6 +79,10 @@ else
     BUDGET="${BUDGET:-450}"
     DEVICE=cuda
 fi
+if ! [[ "$BUDGET" =~ ^[0-9]+$ ]]; then
+    echo "gpu_check.sh: --budget takes whole seconds, got '$BUDGET'" >&2
+    exit 2
+fi
 mkdir -p "$OUT_DIR"
 export REPO DRY_RUN DEVICE OUT_DIR
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -94,6 +99,7 @@ write_summary() {
         echo "# GPU check ($([ "$DRY_RUN" = 1 ] && echo "DRY RUN on the CPU: no figure here is a GPU measurement" || echo "on the GPU"))"
         echo
         echo "Started $(date -u -d "@$START" '+%Y-%m-%d %H:%M:%S UTC' 2>/dev/null || date -u), budget ${BUDGET} s, steps: $STEPS"
+        echo
         [ -s "$OUT_DIR/env.txt" ] && sed -n '/^## Versions/,/^$/p' "$OUT_DIR/env.txt"
         echo
         echo "| step | status | seconds | limit (s) | output |"
@@ -208,7 +214,7 @@ dry_run_kernels() {
 gpu_test_files() {
     # Every test file with a GPU test, so that a module the GPU machine cannot import elsewhere in tests/
     # (an optional package it lacks) cannot stop the collection.
-    grep -rlE "pytest\.mark\.gpu|^gpu = " tests --include='test_*.py' | grep -v '^tests/kernels/' | sort
+    grep -rlE "^ *@pytest\.mark\.gpu|^gpu = pytest\.mark\.gpu" tests --include='test_*.py' | grep -v '^tests/kernels/' | sort
 }
 
 summary_tail() {

@@ -49,9 +49,11 @@ def test_gpu_tests_step_collects_every_gpu_test_file_and_they_skip_without_cuda(
     assert re.search(r"\d+ skipped, \d+ deselected", log) and not re.search(r"\d+ (failed|error)", log)
     command = next(line for line in (dry_run / "stderr.log").read_text().splitlines()
                    if line.startswith("===== gpu_tests:"))
+    marked = re.compile(r"^ *@pytest\.mark\.gpu|^gpu = pytest\.mark\.gpu", re.MULTILINE)
     files = {path.relative_to(REPO).as_posix() for path in (REPO / "tests").rglob("test_*.py")
-             if "pytest.mark.gpu" in path.read_text() and "kernels" not in path.parts}
-    assert files and all(name in command for name in files)
+             if marked.search(path.read_text()) and "kernels" not in path.parts}
+    assert len(files) >= 4 and all(name in command for name in files)
+    assert "test_gpu_check.py" not in command
     triton = (dry_run / "triton.log").read_text()
     assert "dry run: not run here" in triton and "tests/kernels/test_permuted_norm.py" in triton
 
@@ -99,6 +101,7 @@ def test_a_step_the_budget_cannot_hold_is_skipped_and_said(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--dry-run", "--steps", "env,nope"], "unknown step 'nope'"),
     (["--frobnicate"], "unknown argument '--frobnicate'"),
+    (["--dry-run", "--budget", "ten"], "--budget takes whole seconds"),
     ([], "set OUT or pass --out DIR"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(args, message, monkeypatch):
