@@ -45,3 +45,35 @@ def save_tiny_dense(folder, family: str = "qwen2"):
     tiny_model(family, vocab=len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return tokenizer
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Record the layer calls that the 2:4 CUDA kernel serves: {PermutedSparseLinear: [relative error of each
+    call against the float64 dense masked matmul of the same input]}. The dispatch threshold is set to 64
+    tokens for every shape, so test inputs of 64 tokens or more reach the kernel."""
+    from optimum_permllm.nn import cuda_sparse
+
+    calls, served = {}, []
+    sparse_linear, apply = cuda_sparse.sparse_linear, cuda_sparse.SemiStructuredMatmul.apply
+
+    def counted_apply(*args):
+        served.append(True)
+        return apply(*args)
+
+    def recorded(x, compressed, dense_weight_fn, bias, min_tokens):
+        before = len(served)
+        y = sparse_linear(x, compressed, dense_weight_fn, bias, min_tokens)
+        if len(served) > before:
+            with torch.no_grad():
+                reference = torch.nn.functional.linear(x.double(), dense_weight_fn().double(),
+                                                       None if bias is None else bias.double())
+                error = float((y.double() - reference).norm() / reference.norm())
+            calls.setdefault(getattr(dense_weight_fn, "__self__", dense_weight_fn), []).append(error)
+        return y
+
+    monkeypatch.setattr(cuda_sparse.SemiStructuredMatmul, "apply", counted_apply)
+    monkeypatch.setattr(cuda_sparse, "sparse_linear", recorded)
+    monkeypatch.setattr(cuda_sparse, "MIN_TOKENS_BY_SHAPE", {})
+    monkeypatch.setattr(cuda_sparse, "DEFAULT_MIN_TOKENS", 64)
+    return calls
