@@ -15,7 +15,7 @@ import torch
 
 from ..algorithms.gram_mask import gram_mask
 from ..algorithms.heuristic_permutation import head_shared_permutation, heuristic_permutation, retained_score
-from ..algorithms.refit import DampedGram, refit_best_of, regularised_damp
+from ..algorithms.refit import DampedGram, evidence_damp, refit_best_of
 from ..algorithms.scores import obs_feature_weights, score_fn
 from ..algorithms.sparsegpt import sparsegpt_prune
 from ..algorithms.statistics import InputStatistics
@@ -27,9 +27,6 @@ from .plan import PruningPlan
 # assignment's cost grows fast past ~1k groups, blocks keep almost all of its gain (BENCHMARKS.md,
 # "Heuristic permutation cost").
 LSA_BLOCK = 256
-# lsq refits the Gram-chosen mask afterwards, which makes up for most of what sweeps 4-8 add: 3 sweeps leave its
-# held-out error within 0.4% of 8 sweeps' at 3/8 of the search's cost (research/FINDINGS.md).
-LSQ_GRAM_SWEEPS = 3
 
 
 @dataclass
@@ -56,8 +53,7 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, plan: P
     info: dict = {}
     timed = _PartTimer(info, next(iter(weights.values())).device)
     with timed("gram_inverse"):
-        system = _refit_system(stats, plan)
-    norms = _score_norms(stats, plan, system)
+        norms = _score_norms(stats, plan)
     dense = {name: w.detach().float() for name, w in weights.items()}
     scores = torch.cat([score_fn(metric)(w, norms) for w in dense.values()])
     width = scores.shape[1]
@@ -76,7 +72,7 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, plan: P
         with timed("learned_permutation"):
             perm, learned_info = learn(list(dense.values()), stats, perm)
         info.update(learned_info)
-    pruned, masks = _prune_members(weights, dense, scores, stats, perm, plan, system, info, timed)
+    pruned, masks = _prune_members(weights, dense, scores, stats, perm, plan, info, timed)
     return GroupPlan(perm=perm, weights=pruned, masks=masks, info=info)
 
 
@@ -96,55 +92,68 @@ def learn_group_permutation(weights, stats, init_perm: torch.Tensor, plan: Pruni
     return result.perm, {"init_loss": result.init_loss, "learned_loss": result.best_loss}
 
 
-def _refit_system(stats: InputStatistics, plan: PruningPlan) -> DampedGram | None:
-    """lsq's damped Gram matrix and its inverse, regularised for the calibration tokens the input saw."""
-    if plan.metric != "lsq":
-        return None
-    return DampedGram.from_gram(stats.gram(), regularised_damp(plan.damp, stats.in_features, stats.num_tokens))
-
-
-def _score_norms(stats: InputStatistics, plan: PruningPlan, system: DampedGram | None = None) -> torch.Tensor | None:
+def _score_norms(stats: InputStatistics, plan: PruningPlan) -> torch.Tensor | None:
     """The per-input factor of the scores that choose the permutation: none for magnitude, the OBS weights
-    for lsq (whose refit is the compensation they assume), the feature norms ||x_j|| otherwise."""
+    for lsq (whose refit is the compensation they assume; on the plan's damp, as SparseGPT's), the feature
+    norms ||x_j|| otherwise."""
     if plan.permutation_metric == "magnitude":
         return None
     if plan.metric == "lsq":
-        return obs_feature_weights(system or _refit_system(stats, plan))
+        return obs_feature_weights(DampedGram.from_gram(stats.gram(), plan.damp))
     return stats.feature_norms()
 
 
-def _prune_members(weights, dense, scores, stats, perm, plan: PruningPlan, system: DampedGram | None, info: dict,
-                   timed):
-    """Prune each member in permuted order: by its scores, by SparseGPT with a weight update, by the
-    scores' mask improved on the exact output error (metric "gram"), or (metric "lsq") by SparseGPT's
-    mask or the Gram-chosen one, whichever fits each row better after a least-squares refit."""
+def _prune_members(weights, dense, scores, stats, perm, plan: PruningPlan, info: dict, timed):
+    """Prune each member in permuted order: by its scores, by SparseGPT with a weight update, or by the
+    scores' mask improved on the exact output error (metric "gram"); metric "lsq" is `_prune_lsq`."""
+    if plan.metric == "lsq":
+        return _prune_lsq(weights, dense, scores, stats, perm, plan, info, timed)
     n, m = plan.pattern.n, plan.pattern.m
     pruned, masks, row = {}, {}, 0
-    damp = system.damp if system is not None else plan.damp
-    hessian = stats.hessian() if plan.metric in ("sparsegpt", "lsq") else None
-    gram = stats.gram()[perm][:, perm] if plan.metric in ("gram", "lsq") else None
-    permuted = system.permuted(perm) if system is not None else None
+    hessian = stats.hessian() if plan.metric == "sparsegpt" else None
+    gram = stats.gram()[perm][:, perm] if plan.metric == "gram" else None
     for name, w in dense.items():
         rows, wp = w.shape[0], w[:, perm]
         if plan.metric == "sparsegpt":
             with timed("sparsegpt"):
-                new, mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=damp)
+                new, mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=plan.damp)
         else:
             mask = nm_mask(scores[row:row + rows][:, perm], n, m)
-            if gram is not None:  # the Gram-chosen mask: metric "gram", and lsq's second candidate
+            if gram is not None:
                 with timed("gram_mask"):
-                    mask = gram_mask(wp, gram, mask, n, m, **({"sweeps": LSQ_GRAM_SWEEPS} if system is not None else {}))
+                    mask = gram_mask(wp, gram, mask, n, m)
             new = wp.masked_fill(~mask, 0)
-        if plan.metric == "lsq":  # SparseGPT's candidate starts from its own update, which is most of the way
-            with timed("sparsegpt"):
-                sparsegpt_weight, sparsegpt_mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=damp)
-            with timed("refit"):
-                new, mask, fits = refit_best_of(wp, permuted, [sparsegpt_mask, mask], starts=[sparsegpt_weight, None])
-            _record_refit(info, name, fits)
         pruned[name], masks[name] = new.to(weights[name].dtype), mask
         row += rows
-    if system is not None:
-        info["damp"] = damp
+    return pruned, masks
+
+
+def _prune_lsq(weights, dense, scores, stats, perm, plan: PruningPlan, info: dict, timed):
+    """Per member two candidate masks, SparseGPT's (with its update) and the Gram-chosen one; the refit's
+    dampening estimated from SparseGPT's updates of the whole group (`evidence_damp`); then every row
+    refitted on both and the better kept. SparseGPT's candidate starts from its own update."""
+    n, m = plan.pattern.n, plan.pattern.m
+    hessian, gram = stats.hessian(), stats.gram()[perm][:, perm]
+    candidates, row = {}, 0
+    for name, w in dense.items():
+        rows, wp = w.shape[0], w[:, perm]
+        with timed("sparsegpt"):
+            updated, sparsegpt_mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=plan.damp)
+        with timed("gram_mask"):
+            chosen = gram_mask(wp, gram, nm_mask(scores[row:row + rows][:, perm], n, m), n, m)
+        candidates[name] = (wp, updated.float(), sparsegpt_mask, chosen)
+        row += rows
+    with timed("gram_inverse"):
+        parts = list(zip(*candidates.values()))
+        damp = max(plan.damp, evidence_damp(parts[0], parts[1], parts[2], gram, stats.num_tokens))
+        system = DampedGram.from_gram(gram, damp)
+    pruned, masks = {}, {}
+    for name, (wp, updated, sparsegpt_mask, chosen) in candidates.items():
+        with timed("refit"):
+            new, mask, fits = refit_best_of(wp, system, [sparsegpt_mask, chosen], starts=[updated, None])
+        _record_refit(info, name, fits)
+        pruned[name], masks[name] = new.to(weights[name].dtype), mask
+    info["damp"] = damp
     return pruned, masks
 
 

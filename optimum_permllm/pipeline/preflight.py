@@ -8,7 +8,7 @@ import logging
 import torch
 from torch import nn
 
-from ..algorithms.refit import FEW_TOKENS_PER_INPUT, regularised_damp
+from ..algorithms.refit import FEW_TOKENS_PER_INPUT
 from .plan import PruningPlan
 from .planning import block_size_for
 
@@ -73,15 +73,15 @@ def warn_block_sizes(linears: dict[str, nn.Linear], plan: PruningPlan) -> None:
 
 
 def warn_few_tokens(linears: dict[str, nn.Linear], plan: PruningPlan, tokens: int) -> None:
-    """Say when lsq refits layers wider than the calibration can support: it regularises them more strongly
-    (`regularised_damp`), and more calibration tokens would make them more accurate."""
+    """Say when lsq refits layers wider than the calibration can support: it damps them more (the refit's
+    dampening is estimated from the data), and more calibration tokens would make them more accurate."""
     if plan.metric != "lsq" or not linears:
         return
     widest = max(linear.in_features for linear in linears.values())
     if tokens < FEW_TOKENS_PER_INPUT * widest:
         logger.warning(
-            "lsq refits %d kept weights per row of the widest layer (%d inputs) on %d calibration tokens: with fewer "
-            "than %d tokens per input the refit fits the calibration text and gains less on other text, so it is "
-            "damped more (damp=%.3g there). For its full accuracy calibrate on at least %d tokens "
-            "(num_samples x seq_len).", widest * plan.pattern.n // plan.pattern.m, widest, tokens,
-            FEW_TOKENS_PER_INPUT, regularised_damp(plan.damp, widest, tokens), FEW_TOKENS_PER_INPUT * widest)
+            "lsq refits %d kept weights per row of the widest layer (%d inputs) on only %d calibration tokens: with "
+            "fewer than %d tokens per input the refit fits the calibration text more than the layer and gains little "
+            "on other text. Calibrate on at least %d tokens (num_samples x seq_len) for its full accuracy.",
+            widest * plan.pattern.n // plan.pattern.m, widest, tokens, FEW_TOKENS_PER_INPUT,
+            FEW_TOKENS_PER_INPUT * widest)

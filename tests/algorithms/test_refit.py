@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from optimum_permllm.algorithms.gram_mask import output_error
-from optimum_permllm.algorithms.refit import (TOLERANCE, DampedGram, damped_gram, refit_best_of, refit_kept,
-                                              regularised_damp)
+from optimum_permllm.algorithms.refit import (TOLERANCE, DampedGram, damped_gram, evidence_damp, refit_best_of,
+                                              refit_kept)
 from optimum_permllm.algorithms.scores import obs_feature_weights
 from optimum_permllm.algorithms.sparsegpt import sparsegpt_prune
 from optimum_permllm.sparse import nm_mask
@@ -165,7 +165,42 @@ def test_a_permuted_system_is_the_system_of_the_permuted_gram():
     torch.testing.assert_close(moved.inverse, direct.inverse, rtol=1e-4, atol=1e-5)
 
 
-def test_the_damping_rises_with_the_width_over_the_tokens():
-    assert regularised_damp(0.01, 576, 262144) == 0.01  # plenty of tokens: the user's damp
-    assert regularised_damp(0.01, 4864, 16384) == pytest.approx(4864 / 16384)
-    assert regularised_damp(0.5, 4864, 16384) == 0.5  # never below the user's
+def test_evidence_damp_hand_computed():
+    """sigma^2 = mean output error per row, tau^2 = mean square change per kept weight, damp = sigma^2 /
+    (tokens * tau^2 * mean diag G). On G = 2 I: row errors 2 * (1 + 4) = 10 and 2 * 9 = 18 (mean 14); changes
+    1 (kept) + 4 (pruned) and 9 (pruned): kept changes 1 and 0 over 4 kept weights (tau^2 = 1/4)."""
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0], [3.0, 1.0, 1.0, 1.0]])
+    new = torch.tensor([[0.0, 0.0, 3.0, 4.0], [0.0, 1.0, 1.0, 1.0]])
+    keep = torch.tensor([[True, False, True, False], [False, True, False, True]])
+    # row 0: kept 0 (changed by 1) and 2 (unchanged); pruned 1 (by 2) and 3 (by 0: new keeps 4, counted as error)
+    gram = 2 * torch.eye(4)
+    delta = w - new
+    sigma2 = float((2 * delta.square().sum(1)).mean())
+    tau2 = float(delta[keep].square().sum()) / 4
+    assert evidence_damp([w], [new], [keep], gram, tokens=10) == pytest.approx(sigma2 / (10 * tau2 * 2.0))
+    assert evidence_damp([w], [w], [keep], gram, tokens=10) == 0.0  # no change at all: nothing to estimate
+
+
+def test_evidence_damp_falls_as_the_tokens_grow():
+    x = correlated_inputs(16, seed=3)
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
+    new, keep = sparsegpt_prune(w, 2 * x.T @ x / x.shape[0], 2, 4, block_size=8)
+    g = x.T @ x / x.shape[0]
+    assert evidence_damp([w], [new], [keep], g, tokens=1000) == pytest.approx(
+        4 * evidence_damp([w], [new], [keep], g, tokens=4000))
+
+
+def test_with_few_tokens_per_input_the_evidence_damp_predicts_new_inputs_better_than_the_default():
+    """A layer of 64 inputs calibrated on 72 tokens: the refit at the default damp fits those tokens; the
+    damp estimated from SparseGPT's update is lower on fresh inputs from the same distribution."""
+    width, gen = 64, torch.Generator().manual_seed(11)
+    mixing = torch.randn(width, width, generator=gen) / 4 + torch.eye(width)
+    calibration, fresh = torch.randn(72, width, generator=gen) @ mixing, torch.randn(4096, width, generator=gen) @ mixing
+    w = torch.randn(32, width, generator=gen)
+    g, g_fresh = calibration.T @ calibration / 72, fresh.T @ fresh / 4096
+    updated, keep = sparsegpt_prune(w, 2 * g, 2, 4, block_size=16)
+    damp = evidence_damp([w], [updated], [keep], g, tokens=72)
+    assert damp > 0.01
+    errors = {d: float(update_error(w, refit_kept(w, DampedGram.from_gram(g, d), keep, tolerance=1e-8).weight,
+                                    g_fresh).sum()) for d in (0.01, damp)}
+    assert errors[damp] < 0.95 * errors[0.01]

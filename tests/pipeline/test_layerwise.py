@@ -8,7 +8,7 @@ from optimum_permllm import PermLLMConfig, PermutedSparseLinear
 from optimum_permllm.nn.permuted_norm import PermutedOutputNorm
 from optimum_permllm.algorithms import heuristic_permutation, retained_score, wanda_scores
 from optimum_permllm.algorithms.gram_mask import gram_mask
-from optimum_permllm.algorithms.refit import DampedGram, regularised_damp
+from optimum_permllm.algorithms.refit import DampedGram
 from optimum_permllm.algorithms.scores import obs_feature_weights
 from optimum_permllm.algorithms.sparsegpt import sparsegpt_prune
 from optimum_permllm.algorithms.statistics import InputStatistics
@@ -29,11 +29,6 @@ EXPECTED_GROUPS = {
     "gpt_neox": [["attention.query_key_value"], ["attention.dense"], ["mlp.dense_h_to_4h"], ["mlp.dense_4h_to_h"]],
 }
 
-
-
-def lsq_damp(stats) -> float:
-    """The damping lsq uses for these statistics at the default damp (raised when tokens are few per input)."""
-    return regularised_damp(0.01, stats.in_features, stats.num_tokens)
 
 def _ids(batch=4, length=24, vocab=128, seed=0):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
@@ -104,11 +99,10 @@ def test_lsq_plan_takes_sparsegpts_or_the_gram_mask_per_row_and_reconstructs_the
         xp = x[:, plan.perm]
         errors[metric] = sum(float((xp @ plan.weights[k].T - x @ w.T).square().sum()) for k, w in weights.items())
     perm = plans["lsq"].perm
-    damp = lsq_damp(stats)
-    gram, obs = stats.gram()[perm][:, perm], obs_feature_weights(DampedGram.from_gram(stats.gram(), damp))
+    gram, obs = stats.gram()[perm][:, perm], obs_feature_weights(DampedGram.from_gram(stats.gram(), 0.01))
     for name, w in weights.items():
         lsq = plans["lsq"].masks[name]
-        sparsegpt_mask = sparsegpt_prune(w, stats.hessian(), 2, 4, perm=perm, damp=damp)[1]  # in lsq's permutation
+        sparsegpt_mask = sparsegpt_prune(w, stats.hessian(), 2, 4, perm=perm)[1]  # in lsq's permutation
         gram_choice = gram_mask(w[:, perm], gram, nm_mask(wanda_scores(w, obs)[:, perm], 2, 4), 2, 4)
         from_sparsegpt = (lsq == sparsegpt_mask).all(1)
         assert bool((from_sparsegpt | (lsq == gram_choice).all(1)).all())
@@ -121,7 +115,7 @@ def test_lsq_permutation_is_chosen_on_the_obs_saliency_and_sparsegpts_on_wanda()
     weights, stats, _ = _random_group(seed=6)
     plans = {metric: plan_group(weights, stats, PermLLMConfig(metric=metric, permutation="heuristic").to_plan())
              for metric in ("sparsegpt", "lsq")}
-    obs_weights = obs_feature_weights(DampedGram.from_gram(stats.gram(), lsq_damp(stats)))
+    obs_weights = obs_feature_weights(DampedGram.from_gram(stats.gram(), 0.01))
     obs = torch.cat([wanda_scores(w, obs_weights) for w in weights.values()])
     wanda = torch.cat([wanda_scores(w, stats.feature_norms()) for w in weights.values()])
     assert torch.equal(plans["lsq"].perm, heuristic_permutation(obs, 2, 4))
