@@ -76,12 +76,13 @@ def real_groups(args):
     """(source, names, weights, statistics) of every group of one decoder layer of a real model, dense inputs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from optimum_permllm.data.assets import resolve_model
     from optimum_permllm.data.calibration import get_calibration_data
     from optimum_permllm.pipeline.capture import capture
     from optimum_permllm.pipeline.statistics import collect_statistics
     from optimum_permllm.pipeline.structure import find_decoder_layers, layer_linears
 
-    source = _model_source(args.model)
+    source = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     _, layers = find_decoder_layers(model)
@@ -97,20 +98,6 @@ def real_groups(args):
     for group in groups:
         weights = {name: linears[name].weight.detach().float().clone() for name in group}
         yield label, group, _to(weights, args.device), _stats_to(stats[group[0]], args.device), 1.0
-
-
-def _model_source(name: str | None) -> str:
-    """A short name of an offline model, or the argument itself (Hub id or folder)."""
-    try:
-        from optimum_permllm.data.assets import model_dir
-
-        return str(model_dir(name or "smollm2-135m"))
-    except (ImportError, KeyError, ValueError):
-        if name is None:
-            from optimum_permllm.data.assets import smollm2_model_dir
-
-            return str(smollm2_model_dir())
-        return name
 
 
 def synthetic_groups(name: str, args):

@@ -62,10 +62,10 @@ def at_damp(errors: dict[float, float], damp: float) -> float:
 def load(model_source: str | None, num_samples: int, seq_len: int, layers: set[int], seed: int, heldout: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optimum_permllm.data.assets import smollm2_model_dir
+    from optimum_permllm.data.assets import resolve_model
     from optimum_permllm.data.calibration import get_calibration_data, get_evaluation_text
 
-    source = model_source or str(smollm2_model_dir())
+    source = resolve_model(model_source)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     text = [get_evaluation_text()] if heldout else None
