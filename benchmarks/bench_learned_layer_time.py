@@ -1,11 +1,18 @@
-"""Wall time of the learned permutation on LLaMA-7B-shaped decoder layers (issue 4's speed target).
+"""Wall time of the pruning methods on LLaMA-7B-shaped decoder layers: the learned permutation, the lsq refit
+and the Gram mask (issue 4's speed target: at most 60 s per layer for the learned permutation on one H100).
 
 Random weights and random token ids are enough for timing: a LlamaForCausalLM with hidden 4096, MLP 11008
-and 32 heads (the 7B shapes) is pruned with PermLLMConfig(permutation="learned") at its defaults, one
-decoder layer at a time through the library's own pipeline, and the seconds of every layer are printed
-(calibration capture excluded). The target is at most 60 s per layer on one H100:
+and 32 heads (the 7B shapes) is pruned through the library's own pipeline, one decoder layer at a time, and
+the seconds of every layer are printed (calibration capture excluded), one JSON line per method:
 
-    python benchmarks/bench_learned_layer_time.py --device cuda                      # 2 layers, 128 x 2048 tokens
+- learned: PermLLMConfig(permutation="learned") at its defaults (Wanda scores, Sinkhorn learner)
+- lsq: PermLLMConfig(metric="lsq") (least-squares refit of the kept weights, heuristic permutation)
+- gram: PermLLMConfig(metric="gram") (Gram-chosen mask, heuristic permutation)
+
+The joint end-to-end training of "PermLLM as published" (issue 25) is not in the library yet, so it is not
+timed here.
+
+    python benchmarks/bench_learned_layer_time.py --device cuda --methods gram lsq learned  # 2 layers, 128 x 2048
     python benchmarks/bench_learned_layer_time.py --hidden 512 --mlp 1376 --heads 8 --num-samples 4 --seq-len 128
 """
 
@@ -30,6 +37,13 @@ def build_model(hidden: int, mlp: int, heads: int, layers: int, vocab: int, devi
         return LlamaForCausalLM(config).eval()
 
 
+METHODS = {
+    "learned": dict(permutation="learned"),
+    "lsq": dict(metric="lsq"),
+    "gram": dict(metric="gram"),
+}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=4096)
@@ -39,28 +53,46 @@ def main(argv=None) -> None:
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--sparsity", default="2:4")
-    parser.add_argument("--learner", default="sinkhorn", choices=["sinkhorn", "ot"])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=["learned"],
+                        help="what to time, in this order (one JSON line each, printed as it finishes)")
+    parser.add_argument("--learner", default="sinkhorn", choices=["sinkhorn", "ot"], help="for learned")
+    parser.add_argument("--steps", type=int, default=None, help="for learned: optimisation steps (default: the "
+                        "method's; fewer only for smoke runs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    for method in args.methods:
+        print(json.dumps(time_method(method, args)), flush=True)
 
+
+def time_method(method: str, args) -> dict:
+    """Prune a fresh random model with one method; the seconds of each layer and the run's totals."""
     from optimum_permllm import PermLLMConfig
     from optimum_permllm.pipeline.layerwise import sparsify_layerwise
 
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     model = build_model(args.hidden, args.mlp, args.heads, args.layers, 1024, args.device)
     samples = torch.randint(0, 1024, (args.num_samples, args.seq_len), generator=torch.Generator().manual_seed(0))
-    config = PermLLMConfig(sparsity=args.sparsity, permutation="learned", learner=args.learner,
-                           num_samples=args.num_samples, seq_len=args.seq_len)
+    settings = METHODS[method]
+    if method == "learned":
+        settings = dict(settings, learner=args.learner, **({} if args.steps is None else {"steps": args.steps}))
+    config = PermLLMConfig(sparsity=args.sparsity, num_samples=args.num_samples, seq_len=args.seq_len, **settings)
     seconds = []
     start = time.perf_counter()
-    sparsify_layerwise(model, samples, config.to_plan(), callback=lambda index, info: seconds.append(round(info["seconds"], 1)))
+    sparsify_layerwise(model, samples, config.to_plan(), progress=False,
+                       callback=lambda index, info: seconds.append(round(info["seconds"], 1)))
     total = time.perf_counter() - start
-    report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+    report = {"method": method, "settings": settings,
+              "device": torch.cuda.get_device_name() if on_gpu else "cpu",
               "threads": torch.get_num_threads(), "shape": f"hidden {args.hidden}, mlp {args.mlp}, {args.heads} heads",
-              "calibration": f"{args.num_samples} x {args.seq_len}", "sparsity": args.sparsity, "learner": args.learner,
+              "calibration": f"{args.num_samples} x {args.seq_len}", "sparsity": args.sparsity,
               "seconds_per_layer": seconds, "total_seconds_with_capture": round(total, 1)}
-    if args.device.startswith("cuda"):
+    if on_gpu:
         report["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    print(json.dumps(report), flush=True)
+    del model
+    return report
 
 
 if __name__ == "__main__":

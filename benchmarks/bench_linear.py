@@ -1,12 +1,16 @@
-"""Per-linear timing of the 2:4 fast path at LLaMA-2-7B shapes, and the token count where it starts to win.
+"""Per-linear timing of the 2:4 fast path at LLaMA-2-7B shapes, and per shape the token count where it wins.
 
 Compares, for each shape, token count and dtype: a dense nn.Linear; the 2:4 semi-structured kernel with
 the input already permuted (permutation folded away); with the permutation applied by index_select; the
-PermutedSparseLinear module itself (index_select, then its 2:4 or dense path by token count); and an RMSNorm followed by the layer, unfused (Hugging Face eager norm, dense layer)
-versus the fused permuted norm feeding the 2:4 layer. Also sweeps 1..4096 tokens for the threshold to
-put in `optimum_permllm.nn.cuda_sparse.DEFAULT_MIN_TOKENS`, and reports weight memory.
+PermutedSparseLinear module itself (index_select, then its 2:4 or dense path by token count); and an
+RMSNorm followed by the layer, unfused (Hugging Face eager norm, dense layer) versus the fused permuted
+norm feeding the 2:4 layer. Then sweeps 1..8192 tokens per shape and prints the dispatch table: for each
+weight shape, the smallest token count from which the kernel beats dense at that count and every larger
+one, as the dict to paste into `optimum_permllm.nn.cuda_sparse.MIN_TOKENS_BY_SHAPE` (None: the kernel never
+won, the shape stays dense) and the value for `DEFAULT_MIN_TOKENS` (the largest of them). Also reports
+weight memory, and where the 2:4 module is slower than the dense layer.
 
-    python benchmarks/bench_linear.py                      # on a CUDA GPU
+    python benchmarks/bench_linear.py                      # on a CUDA GPU (benchmarks/gpu_check.sh runs it)
     python benchmarks/bench_linear.py --device cpu --quick # seconds-long smoke run (no sparse kernel)
 
 Run from the repository root with the package installed (or PYTHONPATH=.).
@@ -26,13 +30,20 @@ import torch.nn.functional as F
 from optimum_permllm.kernels import permuted_norm
 from optimum_permllm.kernels.permuted_norm import norm_reference
 from optimum_permllm.nn import PermutedSparseLinear
-from optimum_permllm.nn.cuda_sparse import DEFAULT_MIN_TOKENS, compress_weight, semi_structured_support
+from optimum_permllm.nn.cuda_sparse import (
+    DEFAULT_MIN_TOKENS,
+    MIN_TOKENS_BY_SHAPE,
+    compress_weight,
+    semi_structured_support,
+)
 from optimum_permllm.sparse.nm import nm_mask, pack_nm, packed_nbytes
 
 # (in_features, out_features, layers): LLaMA-2-7B.
 LLAMA2_7B_SHAPES = [(4096, 4096, "q/k/v/o"), (4096, 11008, "gate/up"), (11008, 4096, "down")]
 QUICK_SHAPES = [(256, 256, "q/k/v/o"), (256, 688, "gate/up"), (688, 256, "down")]
-SWEEP_TOKENS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
+SWEEP_TOKENS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096,
+                6144, 8192]
+TOKENS = [1, 16, 128, 512, 2048, 8192]  # issue 28: decode, small batches, prefill chunks
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 EPS = 1e-5
 
@@ -41,20 +52,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (CPU smoke test)")
-    parser.add_argument("--tokens", type=int, nargs="+", help="token counts (default 1 16 128 2048)")
+    parser.add_argument("--tokens", type=int, nargs="+", help=f"token counts (default {' '.join(map(str, TOKENS))})")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default fp16 bf16 (fp32 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (the median is reported)")
     parser.add_argument("--inner", type=int, default=None, help="calls per timed repeat")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the 1..4096-token threshold sweep")
+    parser.add_argument("--sweep-tokens", type=int, nargs="+", default=SWEEP_TOKENS,
+                        help="token counts of the per-shape threshold sweep")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the per-shape threshold sweep")
     args = parser.parse_args(argv)
     quick = args.quick
     args.shapes = QUICK_SHAPES if quick else LLAMA2_7B_SHAPES
-    args.tokens = args.tokens or ([1, 16, 64] if quick else [1, 16, 128, 2048])
+    args.tokens = args.tokens or ([1, 16, 64] if quick else TOKENS)
     args.dtypes = [DTYPES[d] for d in (args.dtypes or (["fp32"] if quick else ["fp16", "bf16"]))]
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 10)
     args.repeats = args.repeats if args.repeats is not None else (3 if quick else 30)
     args.inner = args.inner if args.inner is not None else (1 if quick else 10)
+    args.sweep_tokens = sorted(set(args.sweep_tokens))
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU; use --device cpu --quick for a smoke run")
@@ -118,11 +132,13 @@ def variants(layer: dict, x: torch.Tensor) -> dict:
     }
 
 
-def timing_rows(args) -> tuple[list[str], list[list[str]]]:
-    """One Markdown row per (shape, tokens, dtype) with the time of every variant in ms."""
+def timing_rows(args) -> tuple[list[str], list[list[str]], list[str]]:
+    """One Markdown row per (shape, tokens, dtype) with the time of every variant in ms, and the rows where
+    the PermutedSparseLinear module (what a 2:4 model runs) is slower than the dense layer."""
     names = list(variants(build_layer(16, 16, torch.float32, torch.device("cpu")), torch.zeros(1, 16)))
-    headers = ["layer", "in->out", "tokens", "dtype", *[f"{n} (ms)" for n in names], "2:4+index_select speedup"]
-    rows = []
+    headers = ["layer", "in->out", "tokens", "dtype", *[f"{n} (ms)" for n in names], "2:4+index_select speedup",
+               "module speedup", "gather share"]
+    rows, slower = [], []
     for in_f, out_f, label in args.shapes:
         for dtype in args.dtypes:
             layer = build_layer(in_f, out_f, dtype, args.device)
@@ -131,43 +147,72 @@ def timing_rows(args) -> tuple[list[str], list[list[str]]]:
                 times = {n: time_ms(fn, args.device, args.warmup, args.repeats, args.inner)
                          for n, fn in variants(layer, x).items()}
                 cells = [f"{times[n]:.4f}" if label != "down" or "norm" not in n else "-" for n in names]
+                module_speedup = times["dense"] / times["PermutedSparseLinear"]
+                gather_share = 1 - times["2:4"] / times["2:4+index_select"]
                 rows.append([label, f"{in_f}->{out_f}", str(tokens), _dtype_name(dtype), *cells,
-                             f"{times['dense'] / times['2:4+index_select']:.2f}x"])
-    return headers, rows
+                             f"{times['dense'] / times['2:4+index_select']:.2f}x", f"{module_speedup:.2f}x",
+                             f"{gather_share:.0%}"])
+                if module_speedup < 1:
+                    slower.append(f"{label} {in_f}->{out_f} {_dtype_name(dtype)} at {tokens} tokens "
+                                  f"({module_speedup:.2f}x)")
+    return headers, rows, slower
 
 
-def sweep_threshold(args) -> tuple[int | None, list[str], list[list[str]]]:
-    """Smallest token count from which the 2:4 kernel beats dense for every shape, dtype and larger count."""
+def sweep_thresholds(args) -> tuple[list[str], list[list[str]], dict]:
+    """Dense time / 2:4 time per swept token count for every (shape, dtype), and per weight shape
+    (out_features, in_features) the smallest swept count from which the kernel wins at it and every larger
+    swept count, for all dtypes (None when it never does)."""
     headers = ["tokens"] + [f"{label} {_dtype_name(d)}" for _, _, label in args.shapes for d in args.dtypes]
-    columns = []
+    columns, by_shape = [], {}
     for in_f, out_f, _ in args.shapes:
+        wins = []
         for dtype in args.dtypes:
             layer = build_layer(in_f, out_f, dtype, args.device)
             ratios = []
-            for tokens in SWEEP_TOKENS:
+            for tokens in args.sweep_tokens:
                 x = torch.randn(tokens, in_f, device=args.device, dtype=dtype)
                 calls = variants(layer, x)
                 dense = time_ms(calls["dense"], args.device, args.warmup, args.repeats, args.inner)
                 sparse = time_ms(calls["2:4"], args.device, args.warmup, args.repeats, args.inner)
                 ratios.append(dense / sparse)
             columns.append(ratios)
-    rows = [[str(t)] + [f"{col[i]:.2f}x" for col in columns] for i, t in enumerate(SWEEP_TOKENS)]
-    wins_from = [_first_lasting_win(col) for col in columns]
-    threshold = None if None in wins_from else max(wins_from)
-    return threshold, headers, rows
+            wins.append(first_lasting_win(args.sweep_tokens, ratios))
+        by_shape[(out_f, in_f)] = None if None in wins else max(wins)
+    rows = [[str(t)] + [f"{col[i]:.2f}x" for col in columns] for i, t in enumerate(args.sweep_tokens)]
+    return headers, rows, by_shape
 
 
-def _first_lasting_win(ratios: list[float]) -> int | None:
-    """The first sweep token count after which dense/sparse stays above 1, or None if it never does."""
-    for i, tokens in enumerate(SWEEP_TOKENS):
+def first_lasting_win(tokens: list[int], ratios: list[float]) -> int | None:
+    """The first token count from which dense/sparse stays above 1 up to the largest count, or None."""
+    for i, count in enumerate(tokens):
         if all(r > 1.0 for r in ratios[i:]):
-            return tokens
+            return count
     return None
 
 
+def dispatch_lines(by_shape: dict, shapes) -> list[str]:
+    """The dispatch table as Python to paste into optimum_permllm/nn/cuda_sparse.py, with what it means."""
+    labels = {(out_f, in_f): label for in_f, out_f, label in shapes}
+    entries = [f"    ({out_f}, {in_f}): {threshold},  # {labels[(out_f, in_f)]}"
+               for (out_f, in_f), threshold in by_shape.items()]
+    measured = [t for t in by_shape.values() if t is not None]
+    default = max(measured) if measured else None
+    return [
+        "Paste into optimum_permllm/nn/cuda_sparse.py (keys: weight shape (out_features, in_features); value:",
+        "the token count from which the 2:4 kernel is used; None: that shape always stays on the dense path):\n",
+        "```python", "MIN_TOKENS_BY_SHAPE = {", *entries, "}",
+        f"DEFAULT_MIN_TOKENS = {default if default is not None else DEFAULT_MIN_TOKENS}"
+        + ("  # the largest threshold measured" if default is not None else "  # unchanged: the kernel never won"),
+        "```",
+        f"\n(in use now: DEFAULT_MIN_TOKENS = {DEFAULT_MIN_TOKENS}, MIN_TOKENS_BY_SHAPE = {MIN_TOKENS_BY_SHAPE})",
+    ]
+
+
 def memory_rows(args) -> tuple[list[str], list[list[str]]]:
-    """Weight bytes per layer: dense, portable packed (values + bitmask + perm), compressed on the GPU."""
-    headers = ["layer", "in->out", "dtype", "dense (MiB)", "packed+perm (MiB)", "compressed (MiB)"]
+    """Weight bytes per layer: dense, portable packed (values + bitmask + perm), compressed on the GPU, and
+    what the PermutedSparseLinear module holds on its device after a forward (packed + derived weights)."""
+    headers = ["layer", "in->out", "dtype", "dense (MiB)", "packed+perm (MiB)", "compressed (MiB)",
+               "module after a call (MiB)"]
     rows = []
     for in_f, out_f, label in args.shapes:
         for dtype in args.dtypes:
@@ -176,9 +221,20 @@ def memory_rows(args) -> tuple[list[str], list[list[str]]]:
             dense = layer["dense"].numel() * layer["dense"].element_size()
             packed = packed_nbytes(values, bitmask, layer["perm"])
             compressed = _compressed_nbytes(layer["compressed"])
+            module = layer["module"]
+            with torch.inference_mode():
+                module(torch.randn(max(args.tokens), in_f, device=args.device, dtype=dtype))
             rows.append([label, f"{in_f}->{out_f}", _dtype_name(dtype), _mib(dense), _mib(packed),
-                         _mib(compressed) if compressed else f"n/a ({layer['reason']})"])
+                         _mib(compressed) if compressed else f"n/a ({layer['reason']})", _mib(module_nbytes(module))])
     return headers, rows
+
+
+def module_nbytes(module: PermutedSparseLinear) -> int:
+    """Bytes a PermutedSparseLinear holds: its state plus the weights it derived (compressed, unpacked)."""
+    state = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    compressed = _compressed_nbytes(module._compressed[1]) if module._compressed else 0
+    unpacked = module._dense[1].numel() * module._dense[1].element_size() if module._dense else 0
+    return state + compressed + unpacked
 
 
 def _compressed_nbytes(compressed) -> int:
@@ -229,25 +285,32 @@ def _mib(nbytes: int) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.device.type == "cpu" and args.quick:
+    on_gpu = args.device.type == "cuda"
+    if not on_gpu and args.quick:
         torch.set_num_threads(1)  # smoke runs share small CI machines: avoid oversubscribed thread pools
     print("## Per-linear timing (median ms per call)\n")
     print("\n".join(environment_lines(args.device)))
-    if args.device.type != "cuda":
+    if not on_gpu:
         print("- no sparse kernel on this device: the '2:4' columns use the dense masked weight")
     print(f"- warm-up {args.warmup}, repeats {args.repeats} x {args.inner} calls; "
-          "norm columns apply to layers fed by a norm (not down)\n")
-    print(markdown_table(*timing_rows(args)))
+          "norm columns apply to layers fed by a norm (not down); module speedup = dense / "
+          "PermutedSparseLinear (what a 2:4 model runs); gather share = the index_select's part of 2:4+index_select\n")
+    headers, rows, slower = timing_rows(args)
+    print(markdown_table(headers, rows))
+    print("\n2:4 module slower than the dense layer: " + ("; ".join(slower) if slower else "nowhere in this table"))
     print("\n## Weight memory per layer\n")
     print(markdown_table(*memory_rows(args)))
-    if args.device.type == "cuda" and not args.no_sweep:
-        threshold, headers, rows = sweep_threshold(args)
-        print("\n## Threshold sweep: dense time / 2:4 time (input already permuted)\n")
-        print(markdown_table(headers, rows))
-        advice = "never wins in the sweep; keep the dense path" if threshold is None else str(threshold)
-        print(f"\nRecommended DEFAULT_MIN_TOKENS = {advice} (current value {DEFAULT_MIN_TOKENS})")
-    else:
-        print(f"\nThreshold sweep skipped (needs a CUDA GPU); current DEFAULT_MIN_TOKENS = {DEFAULT_MIN_TOKENS}")
+    if args.no_sweep:
+        print(f"\nThreshold sweep skipped (--no-sweep); DEFAULT_MIN_TOKENS = {DEFAULT_MIN_TOKENS}")
+        return
+    headers, rows, by_shape = sweep_thresholds(args)
+    print("\n## Threshold sweep: dense time / 2:4 time (input already permuted)\n")
+    if not on_gpu:
+        print("CPU stand-in: '2:4' is the dense masked weight, so these ratios and the table below say nothing "
+              "about a GPU; they only exercise the sweep.\n")
+    print(markdown_table(headers, rows))
+    print("\n## Dispatch table\n")
+    print("\n".join(dispatch_lines(by_shape, args.shapes)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""What the load-time checkpoint checks cost, against the load itself, on SmolLM2-135M-Instruct.
+"""What the load-time checkpoint checks cost, against the load itself, on SmolLM2-135M-Instruct (or `--model`).
 
     python benchmarks/bench_load_validation.py              # SmolLM2-135M-Instruct (offline copy), fp32, 2:4
-    python benchmarks/bench_load_validation.py --model PATH_OR_ID --repeat 5
+    python benchmarks/bench_load_validation.py --model gemma-3-270m --repeat 5   # or a Hub id or folder
 
 The model is pruned by magnitude with a random input permutation per layer (what is checked does not
 depend on which weights are kept), saved, then loaded `--repeat` times. Reported: the median time of
@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from optimum_permllm.options import MODEL_HELP
 
 
 def _seconds(run) -> float:
@@ -55,14 +57,13 @@ def measure(source: str, sparsity: str, repeat: int) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="dense model id or folder (default: the offline SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--sparsity", default="2:4")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
-    if args.model is None:
-        from optimum_permllm.data.assets import smollm2_model_dir
+    from optimum_permllm.data.assets import resolve_model
 
-        args.model = str(smollm2_model_dir())
+    args.model = resolve_model(args.model)
     result = measure(args.model, args.sparsity, args.repeat)
     print(f"{result['layers']} sparse layers, {result['threads']} torch threads: from_pretrained "
           f"{result['load_s']:.3f} s (median of {args.repeat}, checks included); tensor checks alone "

@@ -6,6 +6,7 @@ collects them into a Markdown table. Example (the figures in BENCHMARKS.md):
     python benchmarks/bench_pruning.py --methods dense magnitude wanda wanda+cp sparsegpt+cp \
         --sparsity 2:4 --eval-windows 24 --zero-shot-limit 0
 
+`--model gemma-3-270m` runs the same on Gemma 3 270M (any Hub id or folder works too).
 A method is METRIC[+cp|+learned[-ot][-model]] ("dense" for the unpruned model), e.g. "ria+cp",
 "sparsegpt+learned" or "wanda+learned-ot-model".
 Protocol (fixed, documented in BENCHMARKS.md): fp32 on the CPU; calibration = the offline Wikipedia
@@ -23,6 +24,8 @@ import resource
 import subprocess
 import sys
 import time
+
+from optimum_permllm.options import MODEL_HELP
 
 
 def parse_method(method: str) -> dict:
@@ -47,11 +50,11 @@ def run_one(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_permllm import PermLLMConfig, PermLLMSparsifier
-    from optimum_permllm.data.assets import smollm2_model_dir
+    from optimum_permllm.data.assets import resolve_model
     from optimum_permllm.evaluation.perplexity import kl_divergence, perplexity
 
     torch.manual_seed(0)
-    source = args.model or str(smollm2_model_dir())
+    source = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval().to(args.device)
     row = {"method": args.one, "sparsity": args.sparsity if args.one != "dense" else "-", "model": source,
@@ -98,7 +101,7 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="+", default=["dense", "magnitude", "wanda", "wanda+cp", "ria", "ria+cp",
                                                           "sparsegpt", "sparsegpt+cp"])
     parser.add_argument("--sparsity", default="2:4")
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--dataset", default=None)
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)

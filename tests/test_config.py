@@ -135,3 +135,79 @@ def test_format_version_of_the_wrong_type_is_a_type_error(version):
 def test_damp_must_be_positive(damp):
     with pytest.raises(ValueError, match="damp must be a positive number"):
         PermLLMConfig(damp=damp)
+
+
+def _sparse_and_dense(model):
+    """The names of the model's sparse layers and of the nn.Linear layers left in its decoder stack."""
+    import torch
+
+    from optimum_permllm import PermutedSparseLinear
+
+    sparse = {n for n, m in model.named_modules() if isinstance(m, PermutedSparseLinear)}
+    dense = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear and ".layers." in n}
+    return sparse, dense
+
+
+@pytest.mark.parametrize("metric, permutation", [("magnitude", "none"), ("wanda", "heuristic")])
+@pytest.mark.parametrize("skip, kept_dense", [
+    (["model.layers.0"], lambda name: name.startswith("model.layers.0.")),
+    (["self_attn"], lambda name: ".self_attn." in name),
+    (["layers.1.mlp"], lambda name: name.startswith("model.layers.1.mlp.")),
+])
+def test_a_parent_module_name_keeps_every_linear_under_it_dense(skip, kept_dense, metric, permutation):
+    from optimum_permllm import PermLLMSparsifier
+
+    from .conftest import tiny_model
+    from .data.tiny_text import SENTENCES, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", vocab=len(tokenizer))
+    linears = {n for n, m in model.named_modules() if type(m).__name__ == "Linear" and ".layers." in n}
+    config = PermLLMConfig(metric=metric, permutation=permutation, modules_to_not_convert=skip,
+                           dataset=[" ".join(SENTENCES) * 4] * 4, num_samples=4, seq_len=32)
+    PermLLMSparsifier(config).sparsify_model(model, tokenizer, progress=False)
+    sparse, dense = _sparse_and_dense(model)
+    assert dense == {n for n in linears if kept_dense(n)} and dense
+    assert sparse == linears - dense and sparse
+    assert sorted(sparse) == config.converted_modules
+
+
+@pytest.mark.parametrize("skip, suggestion", [
+    ("self_atn", "self_attn"), ("model.layer.0", "model.layers.0"), ("q_prj", "q_proj"), ("mlp.down", "mlp.down_proj"),
+])
+def test_a_module_name_that_matches_nothing_is_refused_with_near_matches(skip, suggestion):
+    from optimum_permllm import PermLLMSparsifier
+
+    from .conftest import tiny_model
+
+    model = tiny_model("llama")
+    config = PermLLMConfig(metric="magnitude", permutation="none", modules_to_not_convert=["lm_head", skip])
+    with pytest.raises(ValueError, match="modules_to_not_convert") as info:
+        PermLLMSparsifier(config).sparsify_model(model)
+    assert repr(skip) in str(info.value) and repr(suggestion) in str(info.value)
+    assert "'lm_head'" not in str(info.value)  # the name that does match is not blamed
+    assert _sparse_and_dense(model)[0] == set()  # refused before anything changed
+
+
+def test_a_device_given_to_the_config_says_where_it_goes():
+    with pytest.raises(TypeError, match=r"sparsify_model\(model, tokenizer, device='cuda'\)"):
+        PermLLMConfig(device="cuda")
+
+
+def test_sparsifying_on_an_unavailable_device_is_refused_before_any_change(monkeypatch):
+    import torch
+
+    from optimum_permllm import PermLLMSparsifier
+
+    from .conftest import tiny_model
+    from .data.tiny_text import SENTENCES, tiny_tokenizer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", vocab=len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = PermLLMConfig(dataset=[" ".join(SENTENCES) * 4] * 4, num_samples=4, seq_len=32)
+    with pytest.raises(ValueError, match="device 'cuda' is not available"):
+        PermLLMSparsifier(config).sparsify_model(model, tokenizer, progress=False, device="cuda")
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

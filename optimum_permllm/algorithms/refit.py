@@ -2,79 +2,176 @@
 
 For a row w, a kept set K and inputs with Gram matrix G, the kept values that minimise the output error
 (w - w')^T G (w - w') solve G_KK w'_K = G_K: w. SparseGPT approximates this with a sequential sweep that
-can only move columns to the right of the one being pruned; here every row's system is solved to
-convergence, on a damped G (as SparseGPT damps its Hessian) so that it stays well posed. The solver is
-conjugate gradients with a Jacobi preconditioner, all rows at once: each iteration is one [rows, C] x
-[C, C] product with the kept positions masked (about the multiply-adds of SparseGPT's whole sweep over
-the layer), and it only ever lowers the error of its starting point, the unchanged kept weights.
+can only move columns to the right of the one being pruned; here every row's system is solved, on a
+damped G (as SparseGPT damps its Hessian) so that it stays well posed and does not fit the calibration
+text too closely. The solver is preconditioned conjugate gradients, all rows at once, each row stopped
+once it is within `TOLERANCE` of its optimum. The preconditioner is (G^-1)_KK, the inverse of the full
+damped matrix restricted to the kept set: it is the inverse of the Schur complement of the pruned set,
+so r^T z bounds the error that further iterations can still remove, and real layers converge in 5-20
+iterations where a diagonal preconditioner needed up to 100 (research/FINDINGS.md).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-# Convergence: stop when every row's preconditioned residual has fallen below TOLERANCE times its start
-# (on SmolLM2's layer-15 linears this matches an exact Cholesky solve to 4 digits of held-out error:
-# research/refit_solver_check.py); MAX_ITERATIONS bounds the cost of a badly conditioned layer.
+# A row stops when the error that further iterations could still remove is below TOLERANCE times its
+# current error (0.1%); MAX_ITERATIONS bounds the cost of a badly conditioned layer, and rows that reach
+# it are reported (`Refit.converged`).
 TOLERANCE = 1e-3
 MAX_ITERATIONS = 100
+_TINY = torch.finfo(torch.float32).tiny
+# Below this many calibration tokens per input the refit fits the calibration text more than the layer, and
+# gains little over no refit on other text: the pipeline warns (research/FINDINGS.md).
+FEW_TOKENS_PER_INPUT = 4
+
+
+@torch.no_grad()
+def evidence_damp(weights: list[torch.Tensor], updated: list[torch.Tensor], keeps: list[torch.Tensor],
+                  gram: torch.Tensor, tokens: int) -> float:
+    """The refit's dampening, estimated from the data as a ridge regression's best penalty.
+
+    The refit is a ridge regression of each row's output on its kept inputs, whose penalty
+    damp * mean(diag G) * ||w'_K - w_K||^2 assumes that the compensation w'_K - w_K is drawn with variance
+    tau^2 while the output keeps a residual of variance sigma^2 per token; the penalty that predicts other
+    text best is then sigma^2 / (tokens * tau^2). Both are read off a first solution of the same problem
+    (SparseGPT's update of the same masks: `updated`): sigma^2 its output error per row, tau^2 the mean
+    square of its changes to the kept weights. Few tokens for many inputs raise the penalty, as does a
+    residual that a large compensation cannot explain. All tensors share `gram`'s column order."""
+    g = gram.float()
+    residual = changes = kept = 0.0
+    for w, new, keep in zip(weights, updated, keeps):
+        delta = w.float() - new.float()
+        residual += float(row_output_errors(delta, g).sum())
+        changes += float(delta[keep].square().sum())
+        kept += float(keep.sum())
+    rows = sum(w.shape[0] for w in weights)
+    mean_diagonal = float(torch.diagonal(g).mean())
+    if changes <= 0 or mean_diagonal <= 0 or tokens <= 0:
+        return 0.0
+    sigma2, tau2 = residual / rows, changes / kept
+    return sigma2 / (tokens * tau2 * mean_diagonal)
 
 
 def damped_gram(gram: torch.Tensor, damp: float) -> torch.Tensor:
-    """Symmetric float32 G + damp * mean(diag G) * I, as SparseGPT damps its Hessian."""
+    """Symmetric float32 G + damp * mean(diag G) * I, as SparseGPT damps its Hessian. An input never active
+    in calibration (G_jj = 0) gets the mean of the live diagonal, so that the matrix stays invertible and
+    its weight, uncoupled from the others, is left as it is."""
     g = gram.float()
     g = 0.5 * (g + g.T)
+    diagonal = torch.diagonal(g)
+    dead = diagonal == 0
+    live_mean = diagonal[~dead].mean() if bool((~dead).any()) else torch.ones((), dtype=g.dtype, device=g.device)
+    g = g + torch.diag(dead.to(g.dtype) * live_mean)
     return g + damp * torch.diagonal(g).mean() * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
 
 
+@dataclass(frozen=True)
+class DampedGram:
+    """One input's damped Gram matrix, its inverse and its dead inputs, computed once (`from_gram`) and shared
+    by every linear that reads the input: the refit's operator and preconditioner, and the OBS weights of
+    `scores.obs_feature_weights`."""
+
+    matrix: torch.Tensor
+    inverse: torch.Tensor
+    dead: torch.Tensor
+    damp: float
+
+    @classmethod
+    def from_gram(cls, gram: torch.Tensor, damp: float) -> DampedGram:
+        if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+            raise ValueError(f"DampedGram needs a square [C, C] Gram matrix, got {tuple(gram.shape)}.")
+        matrix = damped_gram(gram, damp)
+        lower, info = torch.linalg.cholesky_ex(matrix)
+        if int(info) != 0:
+            raise RuntimeError(
+                f"The damped Gram matrix (damp={damp}) of this layer is not positive definite. Raise the dampening, "
+                "e.g. PermLLMConfig(damp=0.1), or calibrate on more text (num_samples, seq_len)."
+            )
+        return cls(matrix, torch.cholesky_inverse(lower), torch.diagonal(gram) == 0, damp)
+
+    def permuted(self, perm: torch.Tensor) -> DampedGram:
+        """The same system in the column order `perm` (the inverse of a permuted matrix is the permuted inverse)."""
+        return DampedGram(self.matrix[perm][:, perm], self.inverse[perm][:, perm], self.dead[perm], self.damp)
+
+    @property
+    def width(self) -> int:
+        return self.matrix.shape[0]
+
+
+@dataclass
+class Refit:
+    """Refitted float32 weights [rows, C] (zero outside the mask), each row's damped output error, the
+    iterations each row ran, and whether it reached the tolerance before `MAX_ITERATIONS`."""
+
+    weight: torch.Tensor
+    error: torch.Tensor
+    iterations: torch.Tensor
+    converged: torch.Tensor
+
+
 @torch.no_grad()
-def refit_kept(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """Return float32 [rows, C]: zero where `keep` is False, and elsewhere each row's kept values refitted to
-    minimise its output error on G + damp * mean(diag G) * I. All tensors share one column order; `keep`
-    may keep any number of weights per row."""
+def refit_kept(weight: torch.Tensor, system: DampedGram, keep: torch.Tensor, start: torch.Tensor | None = None,
+               tolerance: float = TOLERANCE, max_iterations: int = MAX_ITERATIONS) -> Refit:
+    """Refit each row's kept values to minimise its output error on `system`'s damped Gram matrix.
+
+    All tensors share one column order; `keep` may keep any number of weights per row. `start` (e.g.
+    SparseGPT's updated weights for the same mask) is where the iterations begin; by default the kept
+    weights unchanged. The result is never worse than the start on the damped error, and each converged row's
+    error is within `tolerance` (relative) of its optimum.
+    """
     rows, columns = weight.shape
-    if keep.shape != weight.shape or gram.shape != (columns, columns):
-        raise ValueError("refit_kept needs weight and keep [rows, C] and gram [C, C]; got "
-                         f"{tuple(weight.shape)}, {tuple(keep.shape)}, {tuple(gram.shape)}.")
+    if keep.shape != weight.shape or system.width != columns or (start is not None and start.shape != weight.shape):
+        raise ValueError("refit_kept needs weight, keep (and start) [rows, C] and a gram [C, C]; got "
+                         f"{tuple(weight.shape)}, {tuple(keep.shape)}, gram of width {system.width}.")
     w = weight.float()
-    g = damped_gram(gram, damp).to(w.device)
+    g, g_inverse = system.matrix.to(w.device), system.inverse.to(w.device)
     kept = keep.to(w.device).float()
-    x = w * kept
-    residual = ((w - x) @ g) * kept  # minus the error's gradient / 2, on the kept positions
-    diagonal = torch.diagonal(g)
-    inverse_diagonal = torch.where(diagonal > 0, 1.0 / diagonal, torch.zeros_like(diagonal))  # a dead input stays put
-    z = residual * inverse_diagonal
-    direction = z.clone()
-    rz = (residual * z).sum(1, keepdim=True)
-    target = TOLERANCE**2 * rz
-    for _ in range(MAX_ITERATIONS):
-        if bool((rz <= target).all()):
+    x = (w if start is None else start.to(w.device).float()) * kept
+    pull = (w - x) @ g
+    error = ((w - x) * pull).sum(1)
+    residual = pull * kept  # minus half the error's gradient, on the kept positions
+    z = (residual @ g_inverse) * kept
+    direction, rz = z, (residual * z).sum(1)
+    iterations = torch.zeros(rows, dtype=torch.long, device=w.device)
+    active = (rz > tolerance * error).nonzero().squeeze(1)
+    for _ in range(max_iterations):
+        if active.numel() == 0:
             break
-        step = (direction @ g) * kept
-        alpha = rz / (direction * step).sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        x += alpha * direction
-        residual -= alpha * step
-        z = residual * inverse_diagonal
-        rz_next = (residual * z).sum(1, keepdim=True)
-        direction = z + rz_next / rz.clamp_min(torch.finfo(torch.float32).tiny) * direction
-        rz = rz_next
-    return x
+        d, mask, rz_a = direction[active], kept[active], rz[active]
+        step = (d @ g) * mask
+        alpha = rz_a / (d * step).sum(1).clamp_min(_TINY)
+        x[active] += alpha.unsqueeze(1) * d
+        error[active] -= alpha * rz_a
+        r = residual[active] - alpha.unsqueeze(1) * step
+        z = (r @ g_inverse) * mask
+        rz_next = (r * z).sum(1)
+        direction[active] = z + (rz_next / rz_a.clamp_min(_TINY)).unsqueeze(1) * d
+        residual[active], rz[active] = r, rz_next
+        iterations[active] += 1
+        active = active[rz_next > tolerance * error[active]]
+    converged = torch.ones(rows, dtype=torch.bool, device=w.device)
+    converged[active] = False
+    return Refit(weight=x, error=error.clamp_min(0), iterations=iterations, converged=converged)
 
 
 @torch.no_grad()
-def refit_best_of(weight: torch.Tensor, gram: torch.Tensor, keeps: list[torch.Tensor],
-                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """Refit `weight` on every candidate mask in `keeps` and keep, per row, the candidate whose refitted row
-    has the lowest output error on `gram`. Returns (float32 weights, bool mask), both [rows, C]."""
+def refit_best_of(weight: torch.Tensor, system: DampedGram, keeps: list[torch.Tensor],
+                  starts: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[Refit]]:
+    """Refit `weight` on every candidate mask in `keeps` (from `starts`, default the unchanged kept weights)
+    and keep, per row, the candidate whose refitted row has the lowest damped output error.
+    Returns (float32 weights, bool mask, the candidates' `Refit`s)."""
     if not keeps:
         raise ValueError("refit_best_of needs at least one candidate mask.")
-    w = weight.float()
-    fits = torch.stack([refit_kept(w, gram, keep, damp) for keep in keeps])  # [K, rows, C]
-    errors = torch.stack([row_output_errors(w - fit, gram) for fit in fits])  # [K, rows]
-    pick = errors.argmin(0)
-    rows = torch.arange(w.shape[0], device=w.device)
-    masks = torch.stack([keep.to(w.device) for keep in keeps])
-    return fits[pick, rows], masks[pick, rows]
+    starts = starts or [None] * len(keeps)
+    fits = [refit_kept(weight, system, keep, start) for keep, start in zip(keeps, starts)]
+    pick = torch.stack([fit.error for fit in fits]).argmin(0)
+    rows = torch.arange(weight.shape[0], device=pick.device)
+    best = torch.stack([fit.weight for fit in fits])[pick, rows]
+    masks = torch.stack([keep.to(pick.device) for keep in keeps])[pick, rows]
+    return best, masks, fits
 
 
 def row_output_errors(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .refit import damped_gram
+from .refit import DampedGram
 
 ScoreFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -58,21 +58,12 @@ def permutation_metric(metric: str) -> str:
     return "wanda" if metric in ("sparsegpt", "gram", "lsq") else metric
 
 
-def obs_feature_weights(gram: torch.Tensor, damp: float) -> torch.Tensor:
+def obs_feature_weights(system: DampedGram) -> torch.Tensor:
     """1 / sqrt([G^-1]_jj) on the damped Gram matrix: the norm of what the other inputs cannot rebuild of
     input j. In place of ||x_j|| in Wanda's score it gives the square root of the OBS saliency
     w^2 / [G^-1]_jj: the error of pruning one weight when all the others are refitted to compensate.
     An input never active in calibration (G_jj = 0) gets 0: pruning its weights costs nothing."""
-    g = gram.float().clone()
-    dead = torch.diagonal(g) == 0
-    g[dead, dead] = 1.0  # as SparseGPT does, so that a layer with dead inputs still factorises
-    lower, info = torch.linalg.cholesky_ex(damped_gram(g, damp))
-    if int(info) != 0:
-        raise RuntimeError(
-            f"The damped Gram matrix (damp={damp}) of this layer is not positive definite. Raise the dampening, "
-            "e.g. PermLLMConfig(damp=0.1), or calibrate on more text (num_samples, seq_len)."
-        )
-    return torch.diagonal(torch.cholesky_inverse(lower)).rsqrt().masked_fill(dead, 0.0)
+    return torch.diagonal(system.inverse).rsqrt().masked_fill(system.dead, 0.0)
 
 
 def _checked_norms(weight: torch.Tensor, feature_norms: torch.Tensor | None, metric: str) -> torch.Tensor:

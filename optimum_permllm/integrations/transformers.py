@@ -2,8 +2,10 @@
 
 - Dense checkpoint + PermLLMConfig: the model loads densely, then is pruned (like GPTQ's integration).
 - permllm checkpoint: PermutedSparseLinear modules are put in place before the weights load, for exactly
-  the layers whose packed tensors the checkpoint holds; missing tensors or tensors of the wrong shape are an
-  error, never random weights. After loading, every permutation and mask is checked (`nn/validation.py`).
+  the layers whose packed tensors the checkpoint holds; a missing tensor of a sparse layer or a permuted
+  norm (a bias, a norm's weight) or a tensor of the wrong shape is an error, never zeros or random weights.
+  After loading, every permutation, mask and dtype is checked (`nn/validation.py`), and so are the recorded
+  readers of each permuted norm (`pipeline/norm_readers.py`, one probe forward).
 """
 
 from __future__ import annotations
@@ -16,10 +18,8 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..config import PermLLMConfig
 from ..nn.validation import CheckpointError, check_sparse_modules
+from ..pipeline.norm_readers import check_norm_readers
 from ..sparsifier import PermLLMSparsifier
-
-_SPARSE_KEYS = ("weight", "weight_mask", "input_perm")
-
 
 class PermLLMHfQuantizer(HfQuantizer):
     """Drives PermLLMSparsifier from `from_pretrained`."""
@@ -36,12 +36,13 @@ class PermLLMHfQuantizer(HfQuantizer):
             names = sparse_layer_names(shapes, self.quantization_config)
             norms = permuted_norm_names(shapes, self.quantization_config)
             self.sparsifier.convert_model(model, names, norms)
-            check_tensor_shapes(model, names + norms, shapes, self.quantization_config)
+            check_stored_tensors(model, names + norms, shapes, self.quantization_config)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
             check_sparse_modules(model, getattr(model, "name_or_path", None))
+            check_norm_readers(model, getattr(model, "name_or_path", None))
         else:
             self.sparsifier.sparsify_model(model, self.quantization_config.tokenizer or model.name_or_path)
         return model
@@ -63,45 +64,43 @@ class PermLLMHfQuantizer(HfQuantizer):
 
 def sparse_layer_names(shapes: dict[str, list[int]] | None, config: PermLLMConfig) -> list[str]:
     """Names of the sparse layers a checkpoint holds, from its tensor `shapes` (`checkpoint_shapes`; None
-    without safetensors files: then the config's list).
-
-    Raises a clear error when a sparse layer lacks one of its tensors (a truncated or edited checkpoint).
-    """
+    without safetensors files: then the config's list). Their tensors are checked by `check_stored_tensors`."""
     keys = shapes
     if keys is None:
         if config.converted_modules is None:
             raise ValueError("This permllm checkpoint lists no sparse layers and has no safetensors files to read them from.")
         return list(config.converted_modules)
-    names = sorted(k[: -len(".weight_mask")] for k in keys if k.endswith(".weight_mask"))
-    expected = set(config.converted_modules or names)
-    missing = [f"{n}.{t}" for n in sorted(expected | set(names)) for t in _SPARSE_KEYS if f"{n}.{t}" not in keys]
-    _refuse_missing(missing)
-    return sorted(expected | set(names))
+    names = {k[: -len(".weight_mask")] for k in keys if k.endswith(".weight_mask")}
+    return sorted(set(config.converted_modules or ()) | names)
 
 
 def permuted_norm_names(shapes: dict[str, list[int]] | None, config: PermLLMConfig | None = None) -> list[str]:
-    """Norms the checkpoint stores with an `output_perm` (permutations folded into the norm); an error when a
-    norm that the config records as permuted has lost its `output_perm`."""
+    """Norms the checkpoint stores with an `output_perm` (permutations folded into the norm), and those the config
+    records as permuted."""
     keys = shapes
     recorded = set(getattr(config, "permuted_norms", None) or ())
     if keys is None:  # no safetensors headers to read: trust the config
         return sorted(recorded)
     names = {k[: -len(".output_perm")] for k in keys if k.endswith(".output_perm")}
-    _refuse_missing([f"{name}.output_perm" for name in sorted(recorded - names)])
     return sorted(names | recorded)
 
 
-def check_tensor_shapes(model, module_names: list[str], shapes: dict[str, tuple] | None, config: PermLLMConfig) -> None:
-    """Refuse stored tensors whose shapes differ from the converted modules', naming the module, the tensor and,
-    for packed values, the sparsity they imply (transformers' own size-mismatch error would not say why)."""
+def check_stored_tensors(model, module_names: list[str], shapes: dict[str, tuple] | None,
+                         config: PermLLMConfig) -> None:
+    """Refuse a checkpoint that lacks a tensor of a converted module (transformers would fill it with zeros or
+    uninitialised memory), or stores one with another shape, naming the module, the tensor and, for packed
+    values, the sparsity they imply (transformers' own size-mismatch error would not say why)."""
     if shapes is None:
         return
+    expected = {name: model.get_submodule(name).state_dict(keep_vars=True) for name in module_names}
+    _refuse_missing([f"{name}.{key}" for name, tensors in expected.items() for key in tensors
+                     if f"{name}.{key}" not in shapes])
     problems = []
-    for name in module_names:
+    for name, tensors in expected.items():
         module = model.get_submodule(name)
-        for key, tensor in module.state_dict(keep_vars=True).items():
-            stored = shapes.get(f"{name}.{key}")
-            if stored is not None and tuple(stored) != tuple(tensor.shape):
+        for key, tensor in tensors.items():
+            stored = shapes[f"{name}.{key}"]
+            if tuple(stored) != tuple(tensor.shape):
                 problems.append(f"{name}.{key} has shape {tuple(stored)} in the checkpoint, but the model expects "
                                 f"{tuple(tensor.shape)}{_sparsity_hint(module, key, stored, config)}")
     if problems:

@@ -5,12 +5,14 @@ one that runs on Hopper); CUTLASS serves compute capability 8.x otherwise. The c
 opaque and version-specific, so it is never serialised: layers keep the portable packed form and call
 `compress_weight` on the GPU. Inputs arrive already in the layer's permuted column order.
 
-The sparse kernel only pays off for many tokens (prefill, large batches); `sparse_linear` sends smaller
-calls to a dense matmul with the same masked weight.
+The sparse kernel only pays off for many tokens (prefill, large batches), from a count that depends on
+the weight's shape and the card (`min_tokens_for`); `sparse_linear` sends smaller calls to a dense
+matmul with the same masked weight.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -22,9 +24,15 @@ from torch.sparse import (
 )
 
 # Token count below which the dense masked matmul is used instead of the 2:4 kernel (PyTorch reports no
-# gain for 1-32 tokens). Not measured here yet: `benchmarks/bench_linear.py` prints the threshold of a GPU
-# (BENCHMARKS.md, "GPU: linear speed, end-to-end speed, learned-permutation time").
+# gain for 1-32 tokens). Not measured here yet: `benchmarks/gpu_check.sh` runs `benchmarks/bench_linear.py`,
+# whose sweep prints the threshold of the GPU it ran on (BENCHMARKS.md, "GPU check").
 DEFAULT_MIN_TOKENS = 64
+
+# The same threshold per weight shape (out_features, in_features), for the shapes that sweep measured:
+# the kernel is slower than dense for some shapes on some cards (e.g. reports for the H100), and a 2:4
+# model must never be slower than the dense one. None keeps that shape on the dense path at every token
+# count. bench_linear.py prints this dict ("Dispatch table") to paste here; unlisted shapes use the default.
+MIN_TOKENS_BY_SHAPE: dict[tuple[int, int], int | None] = {}
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -44,6 +52,12 @@ def _device_capability(device: torch.device) -> tuple[int, int]:
 def _cuda_ready(device: torch.device) -> bool:
     """True when CUDA works in this process (split out so tests can stand in for a GPU)."""
     return torch.cuda.is_available()
+
+
+def min_tokens_for(out_features: int, in_features: int) -> float:
+    """Token count from which a layer of this weight shape uses the 2:4 kernel (inf: never)."""
+    threshold = MIN_TOKENS_BY_SHAPE.get((out_features, in_features), DEFAULT_MIN_TOKENS)
+    return math.inf if threshold is None else threshold
 
 
 def select_backend(device: torch.device | str) -> tuple[Backend | None, str | None]:
@@ -156,7 +170,7 @@ def pad_rows(x2d: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def sparse_linear(x: torch.Tensor, compressed: torch.Tensor, dense_weight_fn: Callable[[], torch.Tensor],
-                  bias: torch.Tensor | None, min_tokens: int = DEFAULT_MIN_TOKENS) -> torch.Tensor:
+                  bias: torch.Tensor | None, min_tokens: float = DEFAULT_MIN_TOKENS) -> torch.Tensor:
     """Linear layer on permuted input: the sparse kernel for >= min_tokens tokens, else a dense matmul.
 
     `dense_weight_fn()` returns the dense permuted weight [out, in] (zeros where pruned); it serves small

@@ -7,12 +7,16 @@ device at first use and is never saved.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..sparse.nm import NMPattern, check_nm, nm_mask, pack_nm, unpack_bits, unpack_nm
 from ..sparse.permutation import check_permutation, identity_permutation, invert_permutation, is_identity
+
+logger = logging.getLogger(__name__)
 
 
 class PermutedSparseLinear(nn.Module):
@@ -143,29 +147,38 @@ class PermutedSparseLinear(nn.Module):
         if x.is_cuda:
             compressed = self._cuda_weight()
             if compressed is not None:
-                from .cuda_sparse import DEFAULT_MIN_TOKENS, sparse_linear
+                from .cuda_sparse import min_tokens_for, sparse_linear
 
-                return sparse_linear(x, compressed, self.permuted_dense_weight, self.bias, DEFAULT_MIN_TOKENS)
+                return sparse_linear(x, compressed, self.permuted_dense_weight, self.bias,
+                                     min_tokens_for(self.out_features, self.in_features))
         return F.linear(x, self._cached_dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def _weight_key(self) -> tuple:
+        """What the derived weights depend on: the packed values and the mask (their place and version)."""
+        return (self.weight.device, self.weight.dtype, self.weight._version, self.weight.data_ptr(),
+                self.weight_mask._version, self.weight_mask.data_ptr())
 
     def _cached_dense_weight(self) -> torch.Tensor:
         """The unpacked weight for the dense path, kept between calls (unpacking every call costs more
         than the matmul at decode sizes). Rebuilt when the stored tensors change."""
-        key = (self.weight.device, self.weight.dtype, self.weight._version, self.weight.data_ptr(),
-               self.weight_mask._version, self.weight_mask.data_ptr())
+        key = self._weight_key()
         if self._dense is None or self._dense[0] != key:
             self._dense = (key, self.permuted_dense_weight())
         return self._dense[1]
 
     def _cuda_weight(self):
-        """The semi-structured weight for this device and dtype, or None when no kernel serves it."""
-        key = (self.weight.device, self.weight.dtype, self.weight._version, self.weight.data_ptr())
+        """The semi-structured weight for this device and dtype, or None when no kernel serves it.
+        Rebuilt when the packed values or the mask change (a stale one computes with old positions)."""
+        key = self._weight_key()
         if self._compressed is not None and self._compressed[0] == key:
             return self._compressed[1]
         from .cuda_sparse import compress_weight, semi_structured_support
 
         reason = semi_structured_support((self.out_features, self.in_features), self.weight.dtype,
                                          self.weight.device, self.n, self.m)
+        if reason is not None:
+            logger.info("PermutedSparseLinear(%d -> %d, %s) stays on the dense path: %s", self.in_features,
+                        self.out_features, self.weight.dtype, reason)
         compressed = None if reason is not None else compress_weight(self._checked_nm_weight())
         self._compressed = (key, compressed)
         return compressed

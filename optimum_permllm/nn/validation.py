@@ -1,7 +1,8 @@
 """Check every sparse module of a loaded model against its N:M pattern, before the first forward.
 
-A checkpoint whose permutations are not bijections, whose masks are not N:M, or whose pattern is not the
-config's, would otherwise load and compute a wrong model. Problems are named "module.tensor: what is wrong".
+A checkpoint whose permutations are not bijections, whose masks are not N:M, whose pattern is not the
+config's, or whose tensors have a dtype the format does not define (integer weights, int16 permutations)
+would otherwise load and compute a wrong model. Problems are named "module.tensor: what is wrong".
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ def sparse_module_problems(model: nn.Module) -> list[str]:
     Tensors still on the meta device (offloaded by accelerate) cannot be read here and are skipped."""
     problems = []
     for name, module in model.named_modules():
+        if isinstance(module, (PermutedSparseLinear, PermutedOutputNorm)):
+            problems += _dtype_problems(name, module)
         if isinstance(module, PermutedSparseLinear):
             problems += _linear_problems(name, module)
-        elif isinstance(module, PermutedOutputNorm) and not module.output_perm.is_meta:
+        elif isinstance(module, PermutedOutputNorm) and _checkable(module.output_perm):
             problem = permutation_problem(module.output_perm, _norm_width(module))
             if problem:
                 problems.append(f"{name}.output_perm {problem}")
@@ -54,9 +57,30 @@ def check_sparse_modules(model: nn.Module, source: str | None = None) -> None:
         raise CheckpointError(problems, source)
 
 
+def _dtype_problems(name: str, module: nn.Module) -> list[str]:
+    """Tensors loaded with a dtype the format does not define: permutations are int64 (another integer type is
+    refused, not converted), values, biases and norm weights floating point. transformers keeps a stored integer
+    dtype as it is (it casts floating tensors only), so an edited header shows here."""
+    problems = []
+    perms = [(key, t) for key, t in module.named_buffers() if key.endswith("_perm")]
+    for key, tensor in perms:
+        if not tensor.is_meta and tensor.dtype != torch.int64:
+            problems.append(f"{name}.{key} is stored as {tensor.dtype}; the format stores permutations as torch.int64")
+    for key, tensor in module.named_parameters():
+        if not tensor.is_meta and not tensor.is_floating_point():
+            problems.append(f"{name}.{key} is stored as {tensor.dtype}; packed values, biases and norm weights must "
+                            "be floating point (float32, float16 or bfloat16, the model's dtype)")
+    return problems
+
+
+def _checkable(perm: torch.Tensor) -> bool:
+    """A permutation whose values can be checked: loaded (not meta) and int64 (_dtype_problems reports others)."""
+    return not perm.is_meta and perm.dtype == torch.int64
+
+
 def _linear_problems(name: str, module: PermutedSparseLinear) -> list[str]:
     problems = []
-    if not module.input_perm.is_meta:
+    if _checkable(module.input_perm):
         problem = permutation_problem(module.input_perm, module.in_features)
         if problem:
             problems.append(f"{name}.input_perm {problem}")

@@ -24,7 +24,7 @@ from .distributed import map_across_ranks
 from .offload import check_offload, execution_device, offload_hooks, on_device
 from .plan import PruningPlan
 from .planning import GroupPlan, learn_group_permutation, plan_group
-from .preflight import check_finite_inputs
+from .preflight import check_finite_inputs, warn_few_tokens
 from .statistics import collect_statistics
 from .structure import attention_heads, find_decoder_layers, layer_linears, set_submodule
 
@@ -43,6 +43,7 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, plan: PruningPla
     device = torch.device(device) if device is not None else model_device
     _check_samples(samples, model)
     _check_model_scope(plan, layers, device)
+    warn_few_tokens(layer_linears(layers[0], plan.modules_to_not_convert), plan, samples.numel())
     heads = attention_heads(getattr(model, "config", None))
     converted: list[str] = []
     with _no_kv_cache(model):
@@ -85,6 +86,7 @@ def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, plan:
         return plan_group(weights, stats[group[0]], plan, learn=group_learn, heads=group_heads)
 
     decided = dict(zip(map(tuple, groups), map_across_ranks(plan_one, groups)))
+    _warn_unconverged(qualified, decided)
     for group, group_plan in decided.items():
         _replace_group(layer, linears, group, group_plan, plan)
     if plan.fold_permutations:
@@ -93,6 +95,20 @@ def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, plan:
         fold_layer_permutations(layer, index, cache, heads, groups, prefix=f"{qualified}.")
     info = {"groups": {"+".join(group): group_plan.info for group, group_plan in decided.items()}}
     return [f"{qualified}.{name}" for name in linears], info
+
+
+def _warn_unconverged(qualified: str, decided: dict) -> None:
+    """Name the linears whose lsq refit left rows at the iteration cap (their error is above its optimum)."""
+    from ..algorithms.refit import MAX_ITERATIONS
+
+    stopped = {name: sum(fit["unconverged_rows"] for fit in fits) for group_plan in decided.values()
+               for name, fits in group_plan.info.get("refit", {}).items()}
+    stopped = {name: rows for name, rows in stopped.items() if rows}
+    if stopped:
+        shown = ", ".join(f"{qualified}.{name} ({rows} rows)" for name, rows in stopped.items())
+        logger.warning("lsq: the refit of %s stopped at %d iterations before reaching its tolerance; those rows are "
+                       "less accurate than they could be. A larger damp (PermLLMConfig(damp=...)) makes the problem "
+                       "easier to solve.", shown, MAX_ITERATIONS)
 
 
 def _head_shaped_groups(layer: nn.Module, heads, groups, plan: PruningPlan) -> set[str]:

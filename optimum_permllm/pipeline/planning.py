@@ -7,13 +7,15 @@ layer, the pruned weight and mask in permuted column order come out.
 from __future__ import annotations
 
 import math
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from ..algorithms.gram_mask import gram_mask
 from ..algorithms.heuristic_permutation import head_shared_permutation, heuristic_permutation, retained_score
-from ..algorithms.refit import refit_best_of
+from ..algorithms.refit import DampedGram, evidence_damp, refit_best_of
 from ..algorithms.scores import obs_feature_weights, score_fn
 from ..algorithms.sparsegpt import sparsegpt_prune
 from ..algorithms.statistics import InputStatistics
@@ -48,24 +50,29 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, plan: P
     """
     n, m = plan.pattern.n, plan.pattern.m
     metric = plan.permutation_metric
-    norms = _score_norms(stats, plan)
+    info: dict = {}
+    timed = _PartTimer(info, next(iter(weights.values())).device)
+    with timed("gram_inverse"):
+        norms = _score_norms(stats, plan)
     dense = {name: w.detach().float() for name, w in weights.items()}
     scores = torch.cat([score_fn(metric)(w, norms) for w in dense.values()])
     width = scores.shape[1]
-    info = {"identity_score": retained_score(scores, identity_permutation(width), n, m)}
+    info["identity_score"] = retained_score(scores, identity_permutation(width), n, m)
     perm = identity_permutation(width, scores.device)
     if plan.permutation in ("heuristic", "learned"):
         groups = width // m
-        if heads is not None:
-            perm = head_shared_permutation(scores, *heads, n, m)
-        else:
-            perm = heuristic_permutation(scores, n, m, max_groups_per_lsa=LSA_BLOCK if groups > 4 * LSA_BLOCK else None)
+        with timed("permutation"):
+            if heads is not None:
+                perm = head_shared_permutation(scores, *heads, n, m)
+            else:
+                perm = heuristic_permutation(scores, n, m, max_groups_per_lsa=LSA_BLOCK if groups > 4 * LSA_BLOCK else None)
         info["heuristic_score"] = retained_score(scores, perm, n, m)
     if plan.permutation == "learned":
         learn = learn or (lambda w, s, p: learn_group_permutation(w, s, p, plan))
-        perm, learned_info = learn(list(dense.values()), stats, perm)
+        with timed("learned_permutation"):
+            perm, learned_info = learn(list(dense.values()), stats, perm)
         info.update(learned_info)
-    pruned, masks = _prune_members(weights, dense, scores, stats, perm, plan)
+    pruned, masks = _prune_members(weights, dense, scores, stats, perm, plan, info, timed)
     return GroupPlan(perm=perm, weights=pruned, masks=masks, info=info)
 
 
@@ -87,37 +94,93 @@ def learn_group_permutation(weights, stats, init_perm: torch.Tensor, plan: Pruni
 
 def _score_norms(stats: InputStatistics, plan: PruningPlan) -> torch.Tensor | None:
     """The per-input factor of the scores that choose the permutation: none for magnitude, the OBS weights
-    for lsq (whose refit is the compensation they assume), the feature norms ||x_j|| otherwise."""
+    for lsq (whose refit is the compensation they assume; on the plan's damp, as SparseGPT's), the feature
+    norms ||x_j|| otherwise."""
     if plan.permutation_metric == "magnitude":
         return None
     if plan.metric == "lsq":
-        return obs_feature_weights(stats.gram(), plan.damp)
+        return obs_feature_weights(DampedGram.from_gram(stats.gram(), plan.damp))
     return stats.feature_norms()
 
 
-def _prune_members(weights, dense, scores, stats, perm, plan: PruningPlan):
-    """Prune each member in permuted order: by its scores, by SparseGPT with a weight update, by the
-    scores' mask improved on the exact output error (metric "gram"), or (metric "lsq") by SparseGPT's
-    mask or the Gram-chosen one, whichever fits each row better after a least-squares refit."""
+def _prune_members(weights, dense, scores, stats, perm, plan: PruningPlan, info: dict, timed):
+    """Prune each member in permuted order: by its scores, by SparseGPT with a weight update, or by the
+    scores' mask improved on the exact output error (metric "gram"); metric "lsq" is `_prune_lsq`."""
+    if plan.metric == "lsq":
+        return _prune_lsq(weights, dense, scores, stats, perm, plan, info, timed)
     n, m = plan.pattern.n, plan.pattern.m
     pruned, masks, row = {}, {}, 0
-    hessian = stats.hessian() if plan.metric in ("sparsegpt", "lsq") else None
-    gram = stats.gram()[perm][:, perm] if plan.metric in ("gram", "lsq") else None
+    hessian = stats.hessian() if plan.metric == "sparsegpt" else None
+    gram = stats.gram()[perm][:, perm] if plan.metric == "gram" else None
     for name, w in dense.items():
         rows, wp = w.shape[0], w[:, perm]
         if plan.metric == "sparsegpt":
-            new, mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=plan.damp)
+            with timed("sparsegpt"):
+                new, mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=plan.damp)
         else:
             mask = nm_mask(scores[row:row + rows][:, perm], n, m)
-            if gram is not None:  # the Gram-chosen mask: metric "gram", and lsq's second candidate
-                mask = gram_mask(wp, gram, mask, n, m)
+            if gram is not None:
+                with timed("gram_mask"):
+                    mask = gram_mask(wp, gram, mask, n, m)
             new = wp.masked_fill(~mask, 0)
-        if plan.metric == "lsq":
-            sparsegpt_mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=plan.damp)[1]
-            new, mask = refit_best_of(wp, gram, [sparsegpt_mask, mask], damp=plan.damp)
         pruned[name], masks[name] = new.to(weights[name].dtype), mask
         row += rows
     return pruned, masks
+
+
+def _prune_lsq(weights, dense, scores, stats, perm, plan: PruningPlan, info: dict, timed):
+    """Per member two candidate masks, SparseGPT's (with its update) and the Gram-chosen one; the refit's
+    dampening estimated from SparseGPT's updates of the whole group (`evidence_damp`); then every row
+    refitted on both and the better kept. SparseGPT's candidate starts from its own update."""
+    n, m = plan.pattern.n, plan.pattern.m
+    hessian, gram = stats.hessian(), stats.gram()[perm][:, perm]
+    candidates, row = {}, 0
+    for name, w in dense.items():
+        rows, wp = w.shape[0], w[:, perm]
+        with timed("sparsegpt"):
+            updated, sparsegpt_mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=plan.damp)
+        with timed("gram_mask"):
+            chosen = gram_mask(wp, gram, nm_mask(scores[row:row + rows][:, perm], n, m), n, m)
+        candidates[name] = (wp, updated.float(), sparsegpt_mask, chosen)
+        row += rows
+    with timed("gram_inverse"):
+        parts = list(zip(*candidates.values()))
+        damp = max(plan.damp, evidence_damp(parts[0], parts[1], parts[2], gram, stats.num_tokens))
+        system = DampedGram.from_gram(gram, damp)
+    pruned, masks = {}, {}
+    for name, (wp, updated, sparsegpt_mask, chosen) in candidates.items():
+        with timed("refit"):
+            new, mask, fits = refit_best_of(wp, system, [sparsegpt_mask, chosen], starts=[updated, None])
+        _record_refit(info, name, fits)
+        pruned[name], masks[name] = new.to(weights[name].dtype), mask
+    info["damp"] = damp
+    return pruned, masks
+
+
+class _PartTimer:
+    """Wall seconds of each part of a group's planning, added up in `info["seconds"]` (what the layer log and
+    benchmarks/bench_lsq_cost.py report); CUDA work is synchronised so that each part is charged its own time."""
+
+    def __init__(self, info: dict, device: torch.device):
+        self.seconds = info.setdefault("seconds", {})
+        self.cuda = device.type == "cuda"
+
+    @contextmanager
+    def __call__(self, part: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+
+
+def _record_refit(info: dict, name: str, fits) -> None:
+    """Per linear and candidate mask: the refit's iterations (largest, mean) and rows stopped at the cap."""
+    info.setdefault("refit", {})[name] = [
+        {"iterations_max": int(fit.iterations.max()), "iterations_mean": round(float(fit.iterations.float().mean()), 2),
+         "unconverged_rows": int((~fit.converged).sum())} for fit in fits]
 
 
 def block_size_for(width: int, requested: int, m: int) -> int:

@@ -1,4 +1,5 @@
-"""Checks run before a prune changes anything: finite weights and inputs, and the learned block sizes used."""
+"""Checks run before a prune changes anything: the device, finite weights and inputs, the learned block sizes
+used, and whether the calibration is large enough for the least-squares refit."""
 
 from __future__ import annotations
 
@@ -7,10 +8,30 @@ import logging
 import torch
 from torch import nn
 
+from ..algorithms.refit import FEW_TOKENS_PER_INPUT
 from .plan import PruningPlan
 from .planning import block_size_for
 
 logger = logging.getLogger(__name__)
+
+
+def check_device(device) -> torch.device:
+    """`device` as a torch.device, refused with a clear error when it names no device or none this machine has
+    (torch's own error would be a bare AssertionError, "Torch not compiled with CUDA enabled")."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{device!r} is not a device: use 'cpu', 'cuda', 'cuda:1', ...") from error
+    backend = getattr(torch, parsed.type, None) if parsed.type != "cpu" else None
+    if backend is None or not hasattr(backend, "is_available"):  # the CPU, or a backend that cannot say
+        return parsed
+    count = backend.device_count() if backend.is_available() and hasattr(backend, "device_count") else 0
+    if not backend.is_available() or (parsed.index is not None and count and parsed.index >= count):
+        found = (f"this machine has {count} {parsed.type} device(s)" if count else
+                 f"torch.{parsed.type}.is_available() is False (no such device, or a torch built without it)")
+        raise ValueError(f"device {str(parsed)!r} is not available: {found}. Use the CPU (device 'cpu', "
+                         "`--device cpu`), or run where that device is.")
+    return parsed
 
 
 @torch.no_grad()
@@ -49,3 +70,18 @@ def warn_block_sizes(linears: dict[str, nn.Linear], plan: PruningPlan) -> None:
         more = f" and {len(other) - 3} more" if len(other) > 3 else ""
         logger.warning("block_size=%d does not divide the input width of %s%s; those layers use the largest block "
                        "size that does.", block_size, shown, more)
+
+
+def warn_few_tokens(linears: dict[str, nn.Linear], plan: PruningPlan, tokens: int) -> None:
+    """Say when lsq refits layers wider than the calibration can support: it damps them more (the refit's
+    dampening is estimated from the data), and more calibration tokens would make them more accurate."""
+    if plan.metric != "lsq" or not linears:
+        return
+    widest = max(linear.in_features for linear in linears.values())
+    if tokens < FEW_TOKENS_PER_INPUT * widest:
+        logger.warning(
+            "lsq refits %d kept weights per row of the widest layer (%d inputs) on only %d calibration tokens: with "
+            "fewer than %d tokens per input the refit fits the calibration text more than the layer and gains little "
+            "on other text. Calibrate on at least %d tokens (num_samples x seq_len) for its full accuracy.",
+            widest * plan.pattern.n // plan.pattern.m, widest, tokens, FEW_TOKENS_PER_INPUT,
+            FEW_TOKENS_PER_INPUT * widest)

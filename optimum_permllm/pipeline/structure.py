@@ -7,6 +7,8 @@ transformer.h, ...).
 
 from __future__ import annotations
 
+import difflib
+
 from torch import nn
 
 
@@ -34,14 +36,39 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
-    """True when `name` equals a pattern or ends with '.pattern' (so 'o_proj' skips every o_proj)."""
-    return any(name == p or name.endswith("." + p) for p in patterns)
+    """True when a pattern is whole dotted parts of `name`: the name itself, a parent module ('model.layers.0',
+    'self_attn') or the end of a name ('o_proj' skips every o_proj, 'mlp.down_proj' every down_proj)."""
+    dotted = f".{name}."
+    return any(f".{pattern}." in dotted for pattern in patterns)
+
+
+def check_patterns_match(model: nn.Module, patterns: list[str]) -> None:
+    """Refuse a modules_to_not_convert entry that names no module of the model (a typo would otherwise prune the
+    layers it meant to keep), suggesting the module names closest to it."""
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = [p for p in patterns if not any(_matches(name, [p]) for name in names)]
+    if not unmatched:
+        return
+    # candidates: every module name and every ending of one that does not start with a layer index
+    endings = {".".join(parts[i:]) for parts in (n.split(".") for n in names) for i in range(len(parts))
+               if i == 0 or not parts[i].isdigit()}
+    described = []
+    for pattern in unmatched:
+        close = difflib.get_close_matches(pattern, sorted(endings), n=3, cutoff=0.6)
+        described.append(repr(pattern) + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+    raise ValueError(
+        f"modules_to_not_convert: no module of {type(model).__name__} matches {', '.join(described)}. Give a "
+        "module's name, a parent's ('model.layers.0', 'self_attn') or the end of names ('o_proj', 'mlp.down_proj'); "
+        "`print(model)` shows them."
+    )
 
 
 def prunable_linears(model: nn.Module, skip: list[str] | None = None, layers_prefix: str | None = None) -> dict[str, nn.Linear]:
-    """All nn.Linear modules inside the decoder stack, by qualified name, minus the skipped ones."""
+    """All nn.Linear modules inside the decoder stack, by qualified name, minus the skipped ones (a skipped name
+    that matches no module is an error)."""
     prefix = find_decoder_layers(model)[0] if layers_prefix is None else layers_prefix
     skip = list(skip or [])
+    check_patterns_match(model, skip)
     return {
         name: module
         for name, module in model.named_modules()

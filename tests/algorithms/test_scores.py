@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from optimum_permllm.algorithms import magnitude_scores, ria_scores, score_fn, wanda_scores
+from optimum_permllm.algorithms.refit import DampedGram
 from optimum_permllm.algorithms.scores import obs_feature_weights
 
 WEIGHT = torch.tensor([[1.0, -2.0], [-3.0, 4.0]])
@@ -56,7 +57,7 @@ def test_shape_errors():
 def test_obs_feature_weights_are_the_residual_norms_of_each_input_on_the_others():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(200, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, 6, generator=gen, dtype=torch.float64)
-    weights = obs_feature_weights((x.T @ x / x.shape[0]).float(), damp=0.0)
+    weights = obs_feature_weights(DampedGram.from_gram((x.T @ x / x.shape[0]).float(), 0.0))
     for j in range(6):
         others = torch.cat([x[:, :j], x[:, j + 1:]], dim=1)
         fit = others @ torch.linalg.lstsq(others, x[:, j:j + 1]).solution
@@ -67,9 +68,9 @@ def test_obs_feature_weights_are_the_residual_norms_of_each_input_on_the_others(
 def test_obs_feature_weights_give_dead_inputs_zero_and_explain_a_singular_gram_matrix():
     x = torch.randn(50, 4, generator=torch.Generator().manual_seed(1))
     x[:, 2] = 0
-    weights = obs_feature_weights(x.T @ x / 50, damp=0.01)
+    weights = obs_feature_weights(DampedGram.from_gram(x.T @ x / 50, 0.01))
     assert weights[2] == 0 and bool((weights[[0, 1, 3]] > 0).all())
-    assert bool((obs_feature_weights(torch.zeros(4, 4), damp=0.01) == 0).all())  # all dead: nothing to rank
+    assert bool((obs_feature_weights(DampedGram.from_gram(torch.zeros(4, 4), 0.01)) == 0).all())  # nothing to rank
     singular = torch.ones(4, 4)  # rank one, undamped
     with pytest.raises(RuntimeError, match="damp"):
-        obs_feature_weights(singular, damp=0.0)
+        obs_feature_weights(DampedGram.from_gram(singular, 0.0))

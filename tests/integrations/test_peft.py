@@ -179,9 +179,13 @@ def test_transformers_trainer_accepts_a_model_sparsified_in_memory(tmp_path):
 
 
 @pytest.mark.gpu
-def test_lora_gradients_through_the_cuda_sparse_kernel_match_the_dense_path():
+def test_lora_gradients_through_the_cuda_sparse_kernel_match_the_dense_path(kernel_calls, monkeypatch):
+    """LoRA trains through the 2:4 kernel: both sparse layers run it with a compressed weight (a refusal on a
+    card with sparse tensor cores fails), and the gradients equal those of the dense masked path."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("compute capability < 8.0 has no sparse tensor cores")
     from optimum_permllm.nn import cuda_sparse
 
     torch.manual_seed(0)
@@ -194,13 +198,14 @@ def test_lora_gradients_through_the_cuda_sparse_kernel_match_the_dense_path():
 
     def grads(min_tokens):
         peft_model.zero_grad()
-        original = cuda_sparse.DEFAULT_MIN_TOKENS
-        cuda_sparse.DEFAULT_MIN_TOKENS = min_tokens
-        try:
-            peft_model(x).float().square().mean().backward()
-        finally:
-            cuda_sparse.DEFAULT_MIN_TOKENS = original
+        monkeypatch.setattr(cuda_sparse, "DEFAULT_MIN_TOKENS", min_tokens)
+        peft_model(x).float().square().mean().backward()
         return [p.grad.float().clone() for p in peft_model.parameters() if p.requires_grad]
 
-    for kernel, dense in zip(grads(1), grads(10**9)):
+    through_kernel = grads(1)
+    assert set(kernel_calls) == {first, second}, "both sparse layers must run the 2:4 kernel"
+    assert max(max(errors) for errors in kernel_calls.values()) < 2e-3  # four fp16 unit roundoffs
+    through_dense_path = grads(10**9)
+    assert sum(map(len, kernel_calls.values())) == 2  # the reference run stayed on the dense masked path
+    for kernel, dense in zip(through_kernel, through_dense_path):
         torch.testing.assert_close(kernel, dense, rtol=2e-2, atol=2e-3)

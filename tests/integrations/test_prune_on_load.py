@@ -61,7 +61,7 @@ def test_too_little_calibration_text_is_a_clear_error(tmp_path):
 def test_checkpoint_records_the_readers_of_permuted_norms_so_dequantize_needs_no_probe(tmp_path, monkeypatch):
     import json
 
-    from optimum_permllm.pipeline import folding
+    from optimum_permllm.pipeline import folding, norm_readers
 
     path, tokenizer = _dense_checkpoint(tmp_path)
     config = PermLLMConfig(metric="wanda", permutation="heuristic", dataset=TEXT, num_samples=4, seq_len=32)
@@ -78,7 +78,26 @@ def test_checkpoint_records_the_readers_of_permuted_norms_so_dequantize_needs_no
     def no_probe(*args, **kwargs):
         raise AssertionError("dequantize ran a probe forward although the readers are recorded")
 
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")  # loading checks the record with a probe
     monkeypatch.setattr(folding, "norm_consumers", no_probe)
-    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse").dequantize()
+    monkeypatch.setattr(norm_readers, "probe_norm_readers", no_probe)
+    dense = loaded.dequantize()
     assert not any(isinstance(m, (PermutedOutputNorm, PermutedSparseLinear)) for m in dense.modules())
     torch.testing.assert_close(dense(ids).logits, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric, permutation", [("magnitude", "none"), ("wanda", "heuristic")])
+def test_sparsifying_a_sparse_model_says_it_is_already_pruned_and_how_to_prune_again(metric, permutation, tmp_path):
+    path, tokenizer = _dense_checkpoint(tmp_path)
+    config = dict(metric=metric, permutation=permutation, dataset=TEXT, num_samples=4, seq_len=32)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    PermLLMSparsifier(PermLLMConfig(**config)).sparsify_model(model, tokenizer, progress=False)
+    model.save_pretrained(tmp_path / "sparse")
+    for sparse in (model, AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")):
+        before = {k: v.clone() for k, v in sparse.state_dict().items()}
+        with pytest.raises(ValueError, match=r"already pruned: it has 14 sparse layers.*dequantize\(\)"):
+            PermLLMSparsifier(PermLLMConfig(**config)).sparsify_model(sparse, tokenizer, progress=False)
+        assert all(torch.equal(sparse.state_dict()[k], v) for k, v in before.items())
+    # what the message says works: dequantize, then prune again
+    again = PermLLMSparsifier(PermLLMConfig(**config)).sparsify_model(model.dequantize(), tokenizer, progress=False)
+    assert sum(isinstance(m, PermutedSparseLinear) for m in again.modules()) == 14

@@ -88,13 +88,28 @@ def test_alignment_follows_the_backend(fake_gpu):
     assert semi_structured_support((64, 128), torch.float16, "cuda", 2, 4) is None
 
 
-def test_layout_reason_matches_torch_constraints():
-    for backend in (SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS):
-        rows, cols = cuda_sparse.sparse_alignment(backend, torch.bfloat16)
-        assert layout_reason((rows, cols), torch.bfloat16, backend) is None
-        assert layout_reason((rows + 8, cols), torch.bfloat16, backend) is not None
-        assert layout_reason((rows, cols, 1), torch.bfloat16, backend) is not None
-        assert layout_reason((0, cols), torch.bfloat16, backend) is not None
+# Minimum (rows, columns) multiples of the sparse operand in fp16 and bf16, written out from PyTorch's own
+# tables (torch/sparse/semi_structured.py, `_DTYPE_SHAPE_CONSTRAINTS` of each class: cuSPARSELt
+# `_SEMI_STRUCTURED_SPARSE_CONFIG(16, 16, 8, 8)`, CUTLASS `(32, 64, 8, 8)`), not read from the library.
+ACCEPTED = {
+    SparseSemiStructuredTensorCUSPARSELT: [(16, 16), (48, 32), (4096, 11008)],
+    SparseSemiStructuredTensorCUTLASS: [(32, 64), (96, 128), (4096, 11008)],
+}
+REFUSED = {
+    SparseSemiStructuredTensorCUSPARSELT: [(8, 16), (16, 8), (24, 16), (16, 40), (0, 16)],
+    SparseSemiStructuredTensorCUTLASS: [(16, 64), (48, 64), (32, 32), (32, 96), (32, 0)],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", list(ACCEPTED))
+def test_layout_reason_follows_the_documented_alignment(backend, dtype):
+    for shape in ACCEPTED[backend]:
+        assert layout_reason(shape, dtype, backend) is None, shape
+    for shape in REFUSED[backend]:
+        assert "not a multiple" in layout_reason(shape, dtype, backend), shape
+    assert "2-D" in layout_reason((16, 64, 1), dtype, backend)
+    assert "float16/bfloat16" in layout_reason((64, 64), torch.float32, backend)
 
 
 def test_compress_weight_refuses_cpu_with_a_clear_error():
@@ -184,9 +199,59 @@ def test_default_min_tokens_is_a_positive_int():
     assert isinstance(cuda_sparse.DEFAULT_MIN_TOKENS, int) and cuda_sparse.DEFAULT_MIN_TOKENS >= 1
 
 
+def test_min_tokens_per_shape_overrides_the_default(monkeypatch):
+    monkeypatch.setattr(cuda_sparse, "DEFAULT_MIN_TOKENS", 64)
+    monkeypatch.setattr(cuda_sparse, "MIN_TOKENS_BY_SHAPE", {(11008, 4096): 512, (4096, 11008): None})
+    assert cuda_sparse.min_tokens_for(11008, 4096) == 512
+    assert cuda_sparse.min_tokens_for(4096, 4096) == 64
+    never = cuda_sparse.min_tokens_for(4096, 11008)
+    assert never > 10**12
+    calls = []
+    monkeypatch.setattr(SemiStructuredMatmul, "apply", lambda *args: calls.append("sparse"))
+    weight = masked_weight(16, 16)
+    sparse_linear(torch.randn(10**4, 16), weight, lambda: calls.append("dense") or weight, None, never)
+    assert calls == ["dense"]
+
+
+def test_a_refused_layer_logs_why_it_stays_dense(caplog):
+    from optimum_permllm.nn import PermutedSparseLinear
+
+    layer = PermutedSparseLinear.from_linear(torch.nn.Linear(32, 16).half(), 2, 4)
+    with caplog.at_level("INFO", logger="optimum_permllm.nn.permuted_sparse_linear"):
+        assert layer._cuda_weight() is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "PermutedSparseLinear(32 -> 16, torch.float16) stays on the dense path: device cpu is not CUDA "
+        "(semi-structured kernels run on NVIDIA GPUs only)"]
+
+
 # ----------------------------------------------------------------------------- real kernels (GPU)
 def relative_error(actual, expected):
     return float((actual.float() - expected.float()).norm() / expected.float().norm())
+
+
+# Relative error of one fp16 / bf16 matmul against float64 on random data: inputs and output rounded to
+# the dtype (unit roundoff 2^-11 / 2^-8), fp32 accumulation; the bound is about four roundoffs.
+KERNEL_TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def require_kernel(weight):
+    """Skip only on a GPU without sparse tensor cores; anywhere else a refusal of this supported layer fails."""
+    if torch.cuda.get_device_capability(weight.device) < (8, 0):
+        pytest.skip("compute capability < 8.0 has no sparse tensor cores")
+    reason = semi_structured_support(weight.shape, weight.dtype, weight.device, 2, 4)
+    assert reason is None, f"the 2:4 kernel refused a supported {tuple(weight.shape)} {weight.dtype} layer: {reason}"
+
+
+@gpu
+@needs_cuda
+def test_gpu_backend_is_the_one_that_runs_on_this_card():
+    """Hopper (9.x) and later run only cuSPARSELt; CUTLASS serves 8.x when cuSPARSELt is missing."""
+    weight = masked_weight(64, 128, torch.float16, "cuda", seed=5)
+    require_kernel(weight)
+    backend, _ = cuda_sparse.select_backend(weight.device)
+    if torch.cuda.get_device_capability(weight.device)[0] >= 9:
+        assert backend is SparseSemiStructuredTensorCUSPARSELT
+    assert type(compress_weight(weight)) is backend
 
 
 @gpu
@@ -195,15 +260,14 @@ def relative_error(actual, expected):
 @pytest.mark.parametrize("tokens", [1, 13, 128])
 def test_gpu_forward_matches_dense_masked_reference(dtype, tokens):
     weight = masked_weight(256, 512, dtype, "cuda", seed=2)
-    if semi_structured_support(weight.shape, dtype, weight.device, 2, 4) is not None:
-        pytest.skip(semi_structured_support(weight.shape, dtype, weight.device, 2, 4))
+    require_kernel(weight)
     compressed = compress_weight(weight)
     bias = torch.randn(256, dtype=dtype, device="cuda")
     x = torch.randn(tokens, 3, 512, dtype=dtype, device="cuda")
     y = sparse_linear(x, compressed, lambda: weight, bias, min_tokens=1)
     reference = F.linear(x.double(), weight.double(), bias.double())
     assert y.shape == reference.shape and y.dtype == dtype
-    assert relative_error(y, reference) < (2e-3 if dtype == torch.float16 else 1.6e-2)
+    assert relative_error(y, reference) < KERNEL_TOLERANCE[dtype]
 
 
 @gpu
@@ -211,8 +275,7 @@ def test_gpu_forward_matches_dense_masked_reference(dtype, tokens):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_backward_matches_dense_autograd(dtype):
     weight = masked_weight(128, 256, dtype, "cuda", seed=3)
-    if semi_structured_support(weight.shape, dtype, weight.device, 2, 4) is not None:
-        pytest.skip(semi_structured_support(weight.shape, dtype, weight.device, 2, 4))
+    require_kernel(weight)
     assert check_nm(weight, 2, 4)
     compressed = compress_weight(weight)
     x = torch.randn(4, 19, 256, dtype=dtype, device="cuda", requires_grad=True)
@@ -220,4 +283,24 @@ def test_gpu_backward_matches_dense_autograd(dtype):
     sparse_linear(x, compressed, lambda: weight, None, min_tokens=1).backward(grad_y)
     x_ref = x.detach().double().requires_grad_()
     F.linear(x_ref, weight.double()).backward(grad_y.double())
-    assert relative_error(x.grad, x_ref.grad) < (2e-3 if dtype == torch.float16 else 1.6e-2)
+    assert relative_error(x.grad, x_ref.grad) < KERNEL_TOLERANCE[dtype]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype, shape", [(torch.float32, (64, 128)), (torch.float16, (24, 40))])
+def test_gpu_unsupported_layer_falls_back_to_dense_and_logs_why(dtype, shape, caplog):
+    """fp32 (no 2:4 kernel) and a shape off the kernel's alignment run the dense masked path, and say why."""
+    from optimum_permllm.nn import PermutedSparseLinear
+
+    torch.manual_seed(6)
+    linear = torch.nn.Linear(shape[1], shape[0]).to("cuda", dtype)
+    layer = PermutedSparseLinear.from_linear(linear, perm=torch.randperm(shape[1], device="cuda"))
+    x = torch.randn(128, shape[1], dtype=dtype, device="cuda")
+    with caplog.at_level("INFO", logger="optimum_permllm.nn.permuted_sparse_linear"):
+        y = layer(x)
+    assert layer._compressed is not None and layer._compressed[1] is None  # decided once: no kernel
+    reason = semi_structured_support(shape, dtype, x.device, 2, 4)
+    assert reason is not None and any(reason in record.getMessage() for record in caplog.records)
+    reference = F.linear(x.double()[:, layer.input_perm], layer.permuted_dense_weight().double(), linear.bias.double())
+    assert relative_error(y, reference) < (1e-5 if dtype == torch.float32 else KERNEL_TOLERANCE[dtype])

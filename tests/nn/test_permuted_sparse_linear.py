@@ -118,3 +118,25 @@ def test_set_input_perm_changes_the_read_order_and_nothing_else():
     torch.testing.assert_close(layer(x), x[:, new] @ permuted_weight.T + layer.bias, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         layer.set_input_perm(torch.zeros(32, dtype=torch.long))
+
+
+def test_gpu_weight_cache_is_rebuilt_when_only_the_mask_changes(monkeypatch):
+    """The semi-structured weight is cached per module; a mask edited in place (same packed values, other
+    kept positions) must rebuild it, or the kernel keeps computing with the old positions. The CUDA
+    support check and compression are stood in for, so the cache logic runs on the CPU."""
+    from optimum_permllm.nn import cuda_sparse
+    from optimum_permllm.sparse.nm import pack_bits
+
+    built = []
+    monkeypatch.setattr(cuda_sparse, "semi_structured_support", lambda *args: None)
+    monkeypatch.setattr(cuda_sparse, "compress_weight", lambda dense: built.append(dense.clone()) or built[-1])
+    torch.manual_seed(7)
+    layer = PermutedSparseLinear.from_linear(nn.Linear(16, 4), 2, 4, perm=torch.randperm(16))
+    first = layer._cuda_weight()
+    assert torch.equal(first, layer.permuted_dense_weight()) and layer._cuda_weight() is first  # cached
+    mirrored = layer.permuted_mask().reshape(4, 4, 4).flip(-1).reshape(4, 16)  # still 2 of every 4
+    with torch.no_grad():
+        layer.weight_mask.copy_(pack_bits(mirrored))
+    rebuilt = layer._cuda_weight()
+    assert len(built) == 2 and torch.equal(rebuilt, layer.permuted_dense_weight())
+    assert torch.equal(rebuilt != 0, mirrored) and not torch.equal(rebuilt, first)

@@ -8,6 +8,7 @@ from optimum_permllm import PermLLMConfig, PermutedSparseLinear
 from optimum_permllm.nn.permuted_norm import PermutedOutputNorm
 from optimum_permllm.algorithms import heuristic_permutation, retained_score, wanda_scores
 from optimum_permllm.algorithms.gram_mask import gram_mask
+from optimum_permllm.algorithms.refit import DampedGram
 from optimum_permllm.algorithms.scores import obs_feature_weights
 from optimum_permllm.algorithms.sparsegpt import sparsegpt_prune
 from optimum_permllm.algorithms.statistics import InputStatistics
@@ -98,7 +99,7 @@ def test_lsq_plan_takes_sparsegpts_or_the_gram_mask_per_row_and_reconstructs_the
         xp = x[:, plan.perm]
         errors[metric] = sum(float((xp @ plan.weights[k].T - x @ w.T).square().sum()) for k, w in weights.items())
     perm = plans["lsq"].perm
-    gram, obs = stats.gram()[perm][:, perm], obs_feature_weights(stats.gram(), 0.01)
+    gram, obs = stats.gram()[perm][:, perm], obs_feature_weights(DampedGram.from_gram(stats.gram(), 0.01))
     for name, w in weights.items():
         lsq = plans["lsq"].masks[name]
         sparsegpt_mask = sparsegpt_prune(w, stats.hessian(), 2, 4, perm=perm)[1]  # in lsq's permutation
@@ -117,7 +118,8 @@ def test_lsq_permutation_is_chosen_on_the_obs_saliency_and_sparsegpts_on_wanda()
     weights, stats, _ = _random_group(seed=6)
     plans = {metric: plan_group(weights, stats, PermLLMConfig(metric=metric, permutation="heuristic").to_plan())
              for metric in ("sparsegpt", "lsq")}
-    obs = torch.cat([wanda_scores(w, obs_feature_weights(stats.gram(), 0.01)) for w in weights.values()])
+    obs_weights = obs_feature_weights(DampedGram.from_gram(stats.gram(), 0.01))
+    obs = torch.cat([wanda_scores(w, obs_weights) for w in weights.values()])
     wanda = torch.cat([wanda_scores(w, stats.feature_norms()) for w in weights.values()])
     assert torch.equal(plans["lsq"].perm, heuristic_permutation(obs, 2, 4))
     assert torch.equal(plans["sparsegpt"].perm, heuristic_permutation(wanda, 2, 4))
@@ -303,19 +305,30 @@ def test_cache_moves_every_tensor_of_the_recorded_calls():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_cpu_model_pruned_on_an_explicit_gpu_matches_pruning_on_the_cpu():
-    """device= prunes each layer of a CPU model on the GPU and puts it back: same state as pruning on the CPU."""
-    on_cpu, on_gpu = tiny_model("llama"), tiny_model("llama")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_cpu_model_pruned_on_an_explicit_gpu_matches_pruning_on_the_cpu(dtype, kernel_calls):
+    """device= prunes each layer of a CPU model on the GPU and puts it back. The pruned layers' outputs, which
+    feed the next layer, come from the 2:4 kernel (fp16/bf16, 96 tokens per call): every sparse linear must run
+    it, within the dtype's tolerance of the dense masked matmul. The first layer reads the embeddings, the same
+    on both devices, so its decisions equal the CPU's; later layers' decisions are not compared: a one-ulp
+    change of their fp16 inputs changes about half of a tiny model's kept weights (the heuristic permutation
+    moves), measured on the CPU by perturbing the layer outputs."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("compute capability < 8.0 has no sparse tensor cores")
+    on_cpu, on_gpu = tiny_model("llama", dtype=dtype), tiny_model("llama", dtype=dtype)
     config = PermLLMConfig(metric="wanda", permutation="heuristic")
-    sparsify_layerwise(on_cpu, _ids(), config.to_plan(), progress=False)
-    sparsify_layerwise(on_gpu, _ids(), config.to_plan(), progress=False, device="cuda")
+    sparsify_layerwise(on_cpu, _ids(), config.to_plan(), progress=False, batch_size=4)
+    kernel_calls.clear()  # count the GPU run only
+    sparsify_layerwise(on_gpu, _ids(), config.to_plan(), progress=False, device="cuda", batch_size=4)
     assert {t.device.type for t in [*on_gpu.parameters(), *on_gpu.buffers()]} == {"cpu"}
+    sparse = [m for m in on_gpu.modules() if isinstance(m, PermutedSparseLinear)]
+    assert len(sparse) == 14 and set(kernel_calls) == set(sparse), "a sparse linear did not run the 2:4 kernel"
+    errors = [error for layer_errors in kernel_calls.values() for error in layer_errors]
+    assert max(errors) < {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]  # four unit roundoffs
     expected, state = on_cpu.state_dict(), on_gpu.state_dict()
     assert sorted(state) == sorted(expected)
-    for key, value in expected.items():  # packed values, position masks, permutations, norms
-        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
-    with torch.no_grad():
-        torch.testing.assert_close(on_gpu(_ids(seed=2)).logits, on_cpu(_ids(seed=2)).logits, rtol=1e-4, atol=1e-4)
+    for key in [k for k in expected if k.startswith("model.layers.0.")]:  # values, masks, permutations, norm
+        assert torch.equal(state[key], expected[key]), key
 
 
 def test_pruning_builds_no_autograd_graph():
