@@ -53,7 +53,7 @@ def test_the_demos_default_method_saves_reloads_bit_exact_and_beats_sparsegpt_on
     tokenizer = tiny_tokenizer()
     dense = tiny_model("llama", vocab=len(tokenizer))
     settings = dict(sparsity=defaults.sparsity, permutation=defaults.permutation, dataset=TEXT, num_samples=4,
-                    seq_len=32)
+                    seq_len=128)  # 512 tokens: 4 per input of the widest layer, the least lsq asks for
     models = {metric: copy.deepcopy(dense) for metric in ("lsq", "sparsegpt")}
     for metric, model in models.items():
         PermLLMSparsifier(PermLLMConfig(metric=metric, **settings)).sparsify_model(model, tokenizer, progress=False)
@@ -66,13 +66,14 @@ def test_the_demos_default_method_saves_reloads_bit_exact_and_beats_sparsegpt_on
     state, again = model.state_dict(), reloaded.state_dict()
     assert state.keys() == again.keys()
     assert all(torch.equal(_bits(state[name]), _bits(again[name])) for name in state)
-    ids = get_calibration_data(TEXT, tokenizer, 4, 32, 0)  # the windows the prune calibrated on
+    ids = get_calibration_data(TEXT, tokenizer, 4, 128, 0)  # the windows the prune calibrated on
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
         dense_output = dense(ids, output_hidden_states=True).hidden_states[-1]
 
     # Each row's kept weights are refitted by least squares on SparseGPT's mask (or the Gram mask, when that
     # fits better), where SparseGPT updates them column by column: on the calibration data the refit's
-    # output error is lower. Measured 0.28 of SparseGPT's here (0.28-0.51 on llama, opt and qwen2, seeds 0-2).
+    # output error is lower. Measured 0.54 of SparseGPT's here (0.43-0.73 on llama, opt and qwen2, seeds 0-2;
+    # 0.90 with no refit iteration).
     errors = {metric: _output_error(m, dense_output, ids) for metric, m in models.items()}
     assert errors["lsq"] < 0.7 * errors["sparsegpt"]
