@@ -34,8 +34,8 @@ MIN_TOKENS_BY_SHAPE: dict[tuple[int, int], int | None] = {
     (4096, 11008): 8192,  # down: 1.37x at 8192 tokens
 }
 
-# Unlisted shapes use the kernel from this many multiply-adds per call (tokens x out x in): every measured win
-# was above it and every loss below it (the fixed cost of a call only pays off on large products).
+# Unlisted shapes use the kernel from this many multiply-adds per call (tokens x out x in), the size above every
+# measured loss (the fixed cost of a call only pays off on large products).
 KERNEL_MIN_MACS = 370_000_000_000  # bench_linear: (8192 + 1) x 4096 x 11008, rounded up
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
