@@ -14,7 +14,7 @@ TEXT = [" ".join(SENTENCES) * 4] * 8
 
 
 def _relative_error(actual, expected):
-    return float((actual.double() - expected).norm() / expected.norm())
+    return float((actual.double().cpu() - expected).norm() / expected.norm())
 
 
 @pytest.mark.gpu

@@ -294,10 +294,11 @@ def test_gpu_backward_matches_dense_autograd(dtype):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype, shape", [(torch.float32, (64, 128)), (torch.float16, (24, 40))])
-def test_gpu_unsupported_layer_falls_back_to_dense_and_logs_why(dtype, shape, caplog):
+def test_gpu_unsupported_layer_falls_back_to_dense_and_logs_why(dtype, shape, caplog, monkeypatch):
     """fp32 (no 2:4 kernel) and a shape off the kernel's alignment run the dense masked path, and say why."""
     from optimum_permllm.nn import PermutedSparseLinear
 
+    monkeypatch.setattr(cuda_sparse, "min_tokens_for", lambda out_features, in_features: 1)  # ask for the kernel
     torch.manual_seed(6)
     linear = torch.nn.Linear(shape[1], shape[0]).to("cuda", dtype)
     layer = PermutedSparseLinear.from_linear(linear, perm=torch.randperm(shape[1], device="cuda"))
@@ -309,3 +310,21 @@ def test_gpu_unsupported_layer_falls_back_to_dense_and_logs_why(dtype, shape, ca
     assert reason is not None and any(reason in record.getMessage() for record in caplog.records)
     reference = F.linear(x.double()[:, layer.input_perm], layer.permuted_dense_weight().double(), linear.bias.double())
     assert relative_error(y, reference) < (1e-5 if dtype == torch.float32 else KERNEL_TOLERANCE[dtype])
+
+
+def test_module_builds_the_compressed_weight_only_for_calls_that_use_the_kernel(monkeypatch):
+    """Below its threshold a layer runs the cached dense masked weight and never compresses (decode holds no
+    compressed copy); from it on, the kernel path gets the compressed weight. Checked on CPU tensors."""
+    from optimum_permllm.nn import PermutedSparseLinear
+
+    layer = PermutedSparseLinear.from_linear(torch.nn.Linear(32, 16), perm=torch.randperm(32))
+    built, served = [], []
+    monkeypatch.setattr(cuda_sparse, "min_tokens_for", lambda out_features, in_features: 8)
+    monkeypatch.setattr(layer, "_cuda_weight", lambda: built.append(True) or layer.permuted_dense_weight())
+    monkeypatch.setattr(SemiStructuredMatmul, "apply", lambda x, w, fn, b: served.append(x.shape) or F.linear(x, w, b))
+    for tokens in (1, 7, 8):
+        x = torch.randn(tokens, 32)
+        permuted = layer.permute_input(x)
+        y = layer._cuda_forward(permuted)
+        torch.testing.assert_close(y, F.linear(x, layer.dense_weight(), layer.bias), rtol=0, atol=1e-6)
+    assert built == [True] and served == [(8, 32)]
