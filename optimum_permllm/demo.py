@@ -31,9 +31,8 @@ def build_parser(prog: str = "python -m optimum_permllm.demo") -> argparse.Argum
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1].replace("\n", " "))
     parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--sparsity", default="2:4")
-    # The most accurate configuration measured (BENCHMARKS.md): the heuristic permutation, then SparseGPT's
-    # mask in permuted order with the kept weights refitted by least squares. `--permutation learned` is
-    # several times slower and has not beaten the heuristic beyond the seed spread.
+    # The most accurate configuration measured, lsq after the heuristic permutation; the learned permutation is
+    # several times slower and has not beaten the heuristic beyond the seed spread (research/FINDINGS.md).
     parser.add_argument("--metric", default="lsq", choices=METRICS)
     parser.add_argument("--permutation", default="heuristic", choices=PERMUTATIONS)
     parser.add_argument("--dataset", default=None, help="calibration text (default: offline Wikipedia)")

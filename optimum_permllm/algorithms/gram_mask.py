@@ -21,9 +21,8 @@ import torch
 
 from .refit import row_output_errors
 
-# mu: the held-out error of 12 SmolLM2 layer groups is lowest at 0.3 or within 0.5% of it (BENCHMARKS.md,
-# "Gram-chosen mask and permutation headroom, per layer group"). Sweeps: a budget; the descent stops
-# earlier when a sweep changes nothing.
+# mu: the weight of the diagonal with the lowest held-out error (research/FINDINGS.md). Sweeps: a budget;
+# the descent stops earlier when a sweep changes nothing.
 DEFAULT_MU = 0.3
 DEFAULT_SWEEPS = 8
 # A group's mask changes only if that lowers the row's error by more than this fraction of it (float noise).

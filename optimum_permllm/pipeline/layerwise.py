@@ -113,7 +113,7 @@ def _warn_unconverged(qualified: str, decided: dict) -> None:
 
 def _head_shaped_groups(layer: nn.Module, heads, groups, plan: PruningPlan) -> set[str]:
     """With fold_permutations="all": attention-output groups whose heuristic permutation is chosen inside
-    heads, so that it folds into v_proj (a free permutation is more accurate: BENCHMARKS.md, "Seed-to-seed spread")."""
+    heads, so that it folds into v_proj (a free permutation is more accurate: research/FINDINGS.md)."""
     if heads is None or plan.fold_permutations != "all" or plan.permutation != "heuristic" or heads[2] % plan.pattern.m:
         return set()
     from .folding import head_fold_candidates

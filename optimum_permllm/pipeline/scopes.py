@@ -9,9 +9,8 @@ stream keeps most of its energy in a few massive dimensions, and a plain cosine 
 
 - `model`: the last hidden states, through the remaining decoder layers (dense) and the final norm
   when given; the layer's other groups stay dense, so the groups' problems are independent.
-- With no later layers it is the decoder layer's own output: this was the `block` scope, removed because
-  it did not beat the heuristic permutation on held-out text (BENCHMARKS.md, "Block scope");
-  research/block_scope_windows.py still measures it.
+- With no later layers it is the decoder layer's own output (what research/block_scope_windows.py
+  measures; as a scope of its own it did not beat the heuristic permutation: research/FINDINGS.md).
 
 The weights are substituted with `torch.func.functional_call`, so the model is never modified; the
 model's own parameters are passed detached, so no gradient accumulates in them.
@@ -27,12 +26,9 @@ from torch import nn
 from ..options import SCOPES
 from .capture import CalibrationCache, LayerCall
 
-# Calibration windows (sequences) a scope objective is scored on; all cached ones if fewer. On
-# SmolLM2-135M (512-token windows, research/block_scope_windows.py, BENCHMARKS.md "Block scope"), the
-# per-window difference between two permutations' losses has a standard deviation of 0.4-2.4% of the
-# loss, so 16 windows tell apart differences of about 1.2% at 2 standard errors where 2 windows need
-# 3.3%; permutations learned on 2 windows were worse than the heuristic on held-out text in 4 of 12
-# groups, on 16 windows in none. All cached windows (128 of 2048 tokens by default) would cost 32x more.
+# Calibration windows (sequences) a scope objective is scored on, all cached ones if fewer: enough to tell
+# apart permutations whose losses differ by about 1%, at a fraction of the cost of every cached window
+# (research/FINDINGS.md).
 SCOPE_WINDOWS = 16
 
 
