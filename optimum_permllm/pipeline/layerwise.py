@@ -81,7 +81,7 @@ def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, plan:
 
     def plan_one(group):  # groups are independent, so under torch.distributed each rank plans a share
         weights = {name: linears[name].weight for name in group}
-        group_learn = None if learn is None else (lambda w, s, p: learn(group, w, s, p))
+        group_learn = None if learn is None else (lambda w, s, p, iw: learn(group, w, s, p, iw))
         group_heads = heads[:2] if group[0] in head_shaped else None
         return plan_group(weights, stats[group[0]], plan, learn=group_learn, heads=group_heads)
 
@@ -130,15 +130,15 @@ def _replace_group(layer, linears, group, group_plan: GroupPlan, plan: PruningPl
 
 
 def _learner(plan: PruningPlan, layer: nn.Module, index: int, cache: CalibrationCache, later_layers=()):
-    """The learned-permutation step `learn(group, weights, stats, init_perm)`, in the planned scope."""
+    """The learned-permutation step `learn(group, weights, stats, init_perm, input_weights)`, in the planned scope."""
     if plan.permutation != "learned":
         return None
 
-    def learn(group, weights, stats, init_perm):
+    def learn(group, weights, stats, init_perm, input_weights):
         from .scopes import scope_loss_fn
 
         loss_fn = scope_loss_fn(plan.learning.scope, layer, index, cache, group, later_layers=later_layers)
-        return learn_group_permutation(weights, stats, init_perm, plan, loss_fn)
+        return learn_group_permutation(weights, stats, init_perm, input_weights, plan, loss_fn)
 
     return learn
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..algorithms.scores import permutation_metric
 from ..sparse.nm import NMPattern
+from .metrics import METRICS
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,12 @@ class PruningPlan:
     learning: LearningSettings = field(default_factory=LearningSettings)
 
     @property
-    def permutation_metric(self) -> str:
-        """The score that chooses permutations (see `algorithms.scores.permutation_metric`)."""
-        return permutation_metric(self.metric)
+    def needs_gram(self) -> bool:
+        """The metric (`metrics.METRICS`) or the learned permutation's objective reads the input Gram matrix."""
+        return METRICS[self.metric].needs_gram or self.permutation == "learned"
 
     @property
-    def needs_gram(self) -> bool:
-        """SparseGPT's weight update, the Gram-chosen mask, the least-squares refit and the learned
-        permutation's objective need the input Gram matrix."""
-        return self.metric in ("sparsegpt", "gram", "lsq") or self.permutation == "learned"
+    def needs_calibration(self) -> bool:
+        """Pruning needs calibration activations: for the metric's statistics, or to choose a permutation (and
+        check its folds)."""
+        return METRICS[self.metric].calibrated or self.permutation != "none"
