@@ -27,7 +27,11 @@ class LearningSettings:
 @dataclass(frozen=True)
 class PruningPlan:
     """The N:M pattern, the metric that keeps weights (and SparseGPT's dampening), the permutation choice,
-    where permutations are folded, which linears stay dense, and the learning settings."""
+    where permutations are folded, which linears stay dense, and the learning settings.
+
+    `own_permutation` (not a config setting: for research, e.g. research/per_linear_end_to_end.py) names
+    linears, as `modules_to_not_convert` does, that are planned as a group of their own, with their own
+    permutation, instead of sharing one with the other linears that read their input."""
 
     pattern: NMPattern
     metric: str = "wanda"
@@ -36,6 +40,7 @@ class PruningPlan:
     fold_permutations: bool | str = True
     modules_to_not_convert: tuple[str, ...] = ()
     learning: LearningSettings = field(default_factory=LearningSettings)
+    own_permutation: tuple[str, ...] = ()
 
     @property
     def needs_gram(self) -> bool:
