@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from optimum_permllm import demo
+from optimum_permllm.commands import demo
 
-from .conftest import save_tiny_dense
+from ..conftest import save_tiny_dense
 
 
 def test_demo_prunes_with_its_default_method_and_reloads_bit_identical(tmp_path, capsys):
