@@ -51,6 +51,16 @@ def family(request):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, then the previous count: tiny tensor ops on a shared 2-core machine
+    run up to 30x faster on one thread, and the setting is process-wide, so it must not leak."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_llama():
     return tiny_model("llama")
 

@@ -93,15 +93,16 @@ def _sweep(w: torch.Tensor, g: torch.Tensor, keep: torch.Tensor, options: torch.
         cost = 2 * (w_g * p_rest) @ dropped.T + quadratic[:, group]  # [rows, K]
         best_cost, best = cost.min(-1)
         gain = cost.gather(1, current[:, group:group + 1]).squeeze(1) - best_cost
-        moved = (gain > scale).nonzero().squeeze(1)
-        if moved.numel() == 0:
+        moves = gain > scale
+        if not bool(moves.any()):
             continue
         changed = True
-        new = w_g[moved] * dropped[best[moved]]
-        p[moved] += (new - d_g[moved]) @ g[cols, :]
-        d[moved, cols] = new
-        keep[moved, cols] = options[best[moved]]
-        current[moved, group] = best[moved]
+        choice = torch.where(moves, best, current[:, group])
+        new = w_g * dropped[choice]
+        p += (new - d_g) @ g[cols, :]  # rows that did not move add zero: cheaper than gathering the rows that did
+        d[:, cols] = new
+        keep[:, cols] = options[choice]
+        current[:, group] = choice
     return changed
 
 

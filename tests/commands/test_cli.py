@@ -218,12 +218,16 @@ def test_a_command_run_by_python_m_still_loads_and_registers_after_parsing(spars
     (["permllm", "info", "--help"], ["usage: optimum-cli permllm info", "--json"]),
 ])
 def test_optimum_cli_finds_the_permllm_command(argv, expected):
+    # Run from a checkout other than the installed one (a git worktree beside an editable install), optimum-cli
+    # finds register_permllm.py twice, registers it twice and fails with "conflicting subparser: permllm".
     script = f"import sys; from optimum.commands.optimum_cli import main; sys.argv = ['optimum-cli', *{argv!r}]; main()"
     done = subprocess.run([sys.executable, "-X", "importtime", "-c", script], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert all(text in done.stdout for text in expected)
-    assert not _imported_top_level_modules(done.stderr) & {"torch", "transformers"}
+    imported = _imported_top_level_modules(done.stderr)
+    assert "argparse" in imported  # the report was read
+    assert not imported & {"torch", "transformers"}
 
 
 def test_info_prints_only_its_report(sparse_dir, capsys):
@@ -250,13 +254,6 @@ def test_prune_from_a_missing_gguf_file_is_one_line_error(tmp_path, capsys):
     assert cli.main(["prune", "--gguf-file", str(tmp_path / "nope.gguf"), "--output", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "nope.gguf not found" in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
-
-
-def test_optimum_cli_finds_the_permllm_command():
-    script = "import sys; from optimum.commands.optimum_cli import main; sys.argv = ['optimum-cli', 'permllm', 'info', '--help']; main()"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "optimum-cli permllm info" in done.stdout and "--json" in done.stdout
 
 
 def test_info_help_says_that_it_verifies(capsys):

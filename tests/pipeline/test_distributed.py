@@ -49,8 +49,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_ranks_learn_the_same_permutations_as_one_process(tmp_path):
-    torch.set_num_threads(1)
+def test_two_ranks_learn_the_same_permutations_as_one_process(tmp_path, one_thread):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     single = tiny_model("llama")
     sparsify_layerwise(single, _ids(), _config().to_plan(), progress=False)

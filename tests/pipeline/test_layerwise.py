@@ -118,7 +118,10 @@ def test_lsq_plan_takes_sparsegpts_or_the_gram_mask_per_row_and_reconstructs_the
         assert bool((from_sparsegpt | (lsq == gram_choice).all(1)).all())
         assert bool(from_sparsegpt.any())
         assert torch.equal(plans["lsq"].weights[name] != 0, lsq)
-    assert errors["lsq"] < 0.95 * errors["sparsegpt"]
+    # lsq refits each row exactly on SparseGPT's mask or the Gram mask, where SparseGPT updates column by column;
+    # measured 0.55 here (0.52-0.59 on seeds 0-4; 0.62 with SparseGPT's mask alone, 0.84 with the refit damped
+    # at 1.0, 0.96 with no refit iteration), so 0.7 holds with room for the seed and fails if the refit falls short.
+    assert errors["lsq"] < 0.7 * errors["sparsegpt"]
 
 
 def test_lsq_permutation_is_chosen_on_the_obs_saliency_and_sparsegpts_on_wanda():
@@ -146,7 +149,9 @@ def test_gram_plan_has_the_wanda_plans_permutation_and_a_lower_exact_error(permu
             assert check_nm(plan.weights[name], 2, 4)
             assert torch.equal(plan.weights[name], w[:, plan.perm].masked_fill(~plan.masks[name], 0))  # no update
         errors[metric] = sum(float((xp @ plan.weights[k].T - x @ w.T).square().sum()) for k, w in weights.items())
-    assert errors["gram"] < 0.95 * errors["wanda"]
+    # The Gram mask starts from Wanda's and never raises its (robust) error; the margin is measured: 0.71
+    # without and 0.74 with the permutation here (0.67-0.77 on seeds 0-2), so 0.85 holds with room for the seed.
+    assert errors["gram"] < 0.85 * errors["wanda"]
 
 
 def test_block_size_falls_back_to_a_divisor_that_is_a_multiple_of_m():

@@ -99,8 +99,7 @@ def test_layer_scope_uses_the_gram_objective_and_unknown_scopes_fail(setup):
             scope_loss_fn(removed, layers[0], 0, cache, GROUP)
 
 
-def test_learning_on_the_model_scope_never_loses_to_its_init(setup):
-    torch.set_num_threads(1)
+def test_learning_on_the_model_scope_never_loses_to_its_init(setup, one_thread):
     _, layers, cache = setup
     layer = layers[1]
     x = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
@@ -129,6 +128,20 @@ def test_standardised_cosine_sees_every_feature_not_only_the_massive_one():
     damaged = target.clone()
     damaged[..., 1:] = torch.randn(4, 8, 15)  # every other feature replaced by noise
     assert float(cosine_loss(damaged, target)) < 1e-4  # a plain cosine barely notices
-    scale = feature_scale([target])
-    assert float(cosine_loss(damaged, target, scale)) > 0.5
-    assert torch.allclose(scale[1:], target[..., 1:].pow(2).mean(dim=(0, 1)).sqrt())
+    assert float(cosine_loss(damaged, target, feature_scale([target]))) > 0.5
+
+
+def test_feature_scale_hand_computed():
+    """RMS of each feature over every token of every output; a dead feature is floored at 1e-6 of the largest."""
+    outputs = [torch.tensor([[[1.0, 0.0, 2.0]]]), torch.tensor([[7.0, 0.0, -2.0]])]
+    # feature 0: sqrt((1 + 49) / 2) = 5; feature 1: 0, floored to 1e-6 * 5; feature 2: sqrt((4 + 4) / 2) = 2
+    assert torch.allclose(feature_scale(outputs), torch.tensor([5.0, 5e-6, 2.0]), rtol=1e-6, atol=0)
+
+
+def test_cosine_loss_hand_computed():
+    """1 - cos over the last dimension, averaged over tokens; a scale divides the features first."""
+    output, target = torch.tensor([[1.0, 1.0], [3.0, 0.0]]), torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    # token 0: cos = 1 / sqrt(2); token 1: parallel, cos = 1
+    assert float(cosine_loss(output, target)) == pytest.approx((1 - 2 ** -0.5) / 2, rel=1e-6)
+    # divided by (1, 2): token 0 becomes (1, 0.5) against (1, 0), cos = 1 / sqrt(1.25)
+    assert float(cosine_loss(output, target, torch.tensor([1.0, 2.0]))) == pytest.approx((1 - 1.25 ** -0.5) / 2, rel=1e-6)
