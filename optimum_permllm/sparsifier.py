@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.quantizers.auto import AutoHfQuantizer
 
 from .config import PermLLMConfig
 from .nn.permuted_norm import PermutedOutputNorm
@@ -204,7 +203,10 @@ def _mark_sparse(model: nn.Module, config: PermLLMConfig) -> None:
     model.is_quantized = True
     model.quantization_method = "permllm"
     if hasattr(model, "config") and not hasattr(model, "hf_quantizer"):
-        # the quantizer registered for quant_method="permllm" (integrations/transformers.py, on import)
+        # imported here, not at the top: importing transformers' quantizer registry runs permllm's registration
+        # (optimum_permllm/__init__.py), whose quantizer module imports this one
+        from transformers.quantizers.auto import AutoHfQuantizer
+
         model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=True)
 
 

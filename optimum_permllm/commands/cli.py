@@ -1,7 +1,7 @@
 """The `permllm` command line (also `optimum-cli permllm`): prune, eval, export-dense, info, push, demo.
 
-Nothing here imports torch or transformers before the arguments are parsed (the package's `load()` runs
-in `dispatch`), so `--help` answers at once (tests/commands/test_cli.py checks it with `python -X importtime`).
+Nothing here imports torch or transformers before the arguments are parsed (each command imports what it
+runs), so `--help` answers at once (tests/commands/test_cli.py checks it with `python -X importtime`).
 Expected failures (bad input, a missing file, a refused upload) print one line on stderr and exit with 1;
 bad usage exits with 2.
 Output folders are written into a temporary folder beside the target and renamed at the end, so an
@@ -303,10 +303,6 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.print_help()
         return 2
     try:
-        if run is not run_demo:  # the demo parses its own options before it loads anything
-            from .. import load
-
-            load()
         return run(args)
     except UsageError as error:
         parser.error(f"{args.permllm_command}: {error}")

@@ -53,9 +53,6 @@ def main(argv=None, prog: str | None = None) -> dict:
     """Run the demo; returns the report it prints as JSON at the end."""
     args = (build_parser(prog) if prog else build_parser()).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from .. import load
-
-    load()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
