@@ -22,6 +22,7 @@ from ..nn.permuted_sparse_linear import PermutedSparseLinear
 from .capture import CalibrationCache, capture
 from .distributed import map_across_ranks
 from .offload import check_offload, execution_device, offload_hooks, on_device
+from .permutations import PERMUTATIONS
 from .plan import PruningPlan
 from .planning import GroupPlan, learn_group_permutation, plan_group
 from .preflight import check_finite_inputs, warn_few_tokens
@@ -134,7 +135,8 @@ def _warn_unconverged(qualified: str, decided: dict) -> None:
 def _head_shaped_groups(layer: nn.Module, heads, groups, plan: PruningPlan) -> set[str]:
     """With fold_permutations="all": attention-output groups whose heuristic permutation is chosen inside
     heads, so that it folds into v_proj (a free permutation is more accurate: BENCHMARKS.md, "Seed-to-seed spread")."""
-    if heads is None or plan.fold_permutations != "all" or plan.permutation != "heuristic" or heads[2] % plan.pattern.m:
+    inside_heads = PERMUTATIONS[plan.permutation].inside_heads
+    if heads is None or plan.fold_permutations != "all" or not inside_heads or heads[2] % plan.pattern.m:
         return set()
     from .folding import head_fold_candidates
 
@@ -151,7 +153,7 @@ def _replace_group(layer, linears, group, group_plan: GroupPlan, plan: PruningPl
 
 def _learner(plan: PruningPlan, layer: nn.Module, index: int, cache: CalibrationCache, later_layers=()):
     """The learned-permutation step `learn(group, weights, stats, init_perm, input_weights)`, in the planned scope."""
-    if plan.permutation != "learned":
+    if not plan.learns:
         return None
 
     def learn(group, weights, stats, init_perm, input_weights):
@@ -184,7 +186,7 @@ def _summary(info: dict) -> str:
 def _check_model_scope(plan: PruningPlan, layers, device: torch.device) -> None:
     """The `model` scope runs every later decoder layer with its own weights at each learning step, so all of
     them must be loaded on the pruning device: refuse offloaded layers or layers elsewhere, before any change."""
-    if plan.permutation != "learned" or plan.learning.scope != "model":
+    if not plan.learns or plan.learning.scope != "model":
         return
     placed = {p.device for layer in layers for p in layer.parameters()}
     offloaded = any(offload_hooks(layer) for layer in layers)

@@ -1,7 +1,7 @@
 """The pruning metrics, one entry each: the score that ranks weights, what it reads, how it prunes a group.
 
-Everything that depends on the metric reads `METRICS`: the plan (`needs_gram`, `needs_calibration`) and the
-planner (`planning.plan_group`). The names alone live in `options.METRICS` (standard library only, for the
+Everything that depends on the metric reads `METRICS`: the plan (`needs_gram`, `needs_calibration`), the
+planner (`planning.plan_group`) and the pre-flight checks (`preflight.warn_few_tokens`). The names alone live in `options.METRICS` (standard library only, for the
 commands' --help); a test holds the two equal. A new metric is one entry here and its tests.
 
 A prune function gets the group's dense float32 weights (original column order), their scores concatenated
@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from ..algorithms.gram_mask import gram_mask
-from ..algorithms.refit import DampedGram, evidence_damp, refit_best_of
+from ..algorithms.refit import FEW_TOKENS_PER_INPUT, DampedGram, evidence_damp, refit_best_of
 from ..algorithms.scores import obs_feature_weights
 from ..algorithms.sparsegpt import sparsegpt_prune
 from ..algorithms.statistics import InputStatistics
@@ -34,6 +34,8 @@ class Metric:
     learned) is chosen on it and the first N:M mask keeps its top N. `input_weights(stats, damp)`: that
     score's per-input factor (None for |W|). `prune`: see the module docstring. `needs_gram`: the statistics
     must track the inputs' Gram matrix. `calibrated`: pruning needs calibration activations.
+    `tokens_per_input`: for a metric that refits the kept weights on the calibration inputs, the calibration
+    tokens per input of the widest layer below which the refit fits that text more than the layer (0: none).
     """
 
     score: str
@@ -41,6 +43,7 @@ class Metric:
     prune: Callable[..., Pruned]
     needs_gram: bool = False
     calibrated: bool = True
+    tokens_per_input: int = 0
 
 
 def no_input_weights(stats: InputStatistics | None, damp: float) -> None:
@@ -126,7 +129,7 @@ METRICS: dict[str, Metric] = {
     "ria": Metric("ria", feature_norms, prune_by_score),
     "gram": Metric("wanda", feature_norms, prune_gram, needs_gram=True),
     "sparsegpt": Metric("wanda", feature_norms, prune_sparsegpt, needs_gram=True),
-    "lsq": Metric("wanda", obs_weights, prune_lsq, needs_gram=True),
+    "lsq": Metric("wanda", obs_weights, prune_lsq, needs_gram=True, tokens_per_input=FEW_TOKENS_PER_INPUT),
 }
 
 

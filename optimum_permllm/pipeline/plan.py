@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 
 from ..sparse.nm import NMPattern
 from .metrics import METRICS
+from .permutations import PERMUTATIONS
 
 
 @dataclass(frozen=True)
 class LearningSettings:
-    """How the learned permutation runs (read only when `PruningPlan.permutation == "learned"`)."""
+    """How the learned permutation runs (read only when `PruningPlan.learns`)."""
 
     learner: str = "sinkhorn"
     scope: str = "layer"
@@ -43,12 +44,17 @@ class PruningPlan:
     own_permutation: tuple[str, ...] = ()
 
     @property
+    def learns(self) -> bool:
+        """The permutation is learned (`permutations.PERMUTATIONS`), so the `learning` settings apply."""
+        return PERMUTATIONS[self.permutation].learns
+
+    @property
     def needs_gram(self) -> bool:
         """The metric (`metrics.METRICS`) or the learned permutation's objective reads the input Gram matrix."""
-        return METRICS[self.metric].needs_gram or self.permutation == "learned"
+        return METRICS[self.metric].needs_gram or self.learns
 
     @property
     def needs_calibration(self) -> bool:
         """Pruning needs calibration activations: for the metric's statistics, or to choose a permutation (and
         check its folds)."""
-        return METRICS[self.metric].calibrated or self.permutation != "none"
+        return METRICS[self.metric].calibrated or PERMUTATIONS[self.permutation].calibrated

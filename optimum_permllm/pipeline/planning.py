@@ -13,17 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..algorithms.heuristic_permutation import head_shared_permutation, heuristic_permutation, retained_score
+from ..algorithms.heuristic_permutation import retained_score
 from ..algorithms.scores import score_fn
 from ..algorithms.statistics import InputStatistics
 from ..sparse.permutation import identity_permutation
 from .metrics import METRICS
+from .permutations import PERMUTATIONS
 from .plan import PruningPlan
-
-# Groups per assignment problem in the heuristic permutation of layers wider than 4 blocks: the full
-# assignment's cost grows fast past ~1k groups, blocks keep almost all of its gain (BENCHMARKS.md,
-# "Heuristic permutation cost").
-LSA_BLOCK = 256
 
 
 @dataclass
@@ -38,13 +34,14 @@ class GroupPlan:
 
 def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics | None, plan: PruningPlan,
                learn=None, heads: tuple[int, int] | None = None) -> GroupPlan:
-    """Score the group's weights once, choose its permutation on those scores, then prune every member in
-    that order as the plan's metric does (`metrics.METRICS`).
+    """Score the group's weights once, choose its permutation on those scores as the plan's permutation choice
+    does (`permutations.PERMUTATIONS`), then prune every member in that order as the plan's metric does
+    (`metrics.METRICS`).
 
-    `learn(weights, stats, init_perm, input_weights) -> (perm, info)` runs the learned permutation when
-    asked for (default: `learn_group_permutation` on the exact `layer` objective); `input_weights` is the
-    per-input factor of the scores. `heads` (num_heads, num_kv_heads) restricts the heuristic permutation
-    of an attention output to moves inside each head, so that it can be folded into the value projection.
+    `learn(weights, stats, init_perm, input_weights) -> (perm, info)` runs the learned permutation when asked for
+    (default: `learn_group_permutation` on the exact `layer` objective); `input_weights` is the per-input factor
+    of the scores. `heads` (num_heads, num_kv_heads) restricts the heuristic permutation of an attention output
+    to moves inside each head, so that it can be folded into the value projection.
     `stats` may be None for a metric and permutation that read no calibration data.
     """
     metric = METRICS[plan.metric]
@@ -54,31 +51,19 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics | None, 
         input_weights = metric.input_weights(stats, plan.damp)
     dense = {name: w.detach().float() for name, w in weights.items()}
     scores = torch.cat([score_fn(metric.score)(w, input_weights) for w in dense.values()])
-    perm = _permutation(dense, scores, stats, input_weights, plan, learn, heads, info, timed)
+    n, m = plan.pattern.n, plan.pattern.m
+    info["identity_score"] = retained_score(scores, identity_permutation(scores.shape[1]), n, m)
+    learn = learn or (lambda w, s, p, iw: learn_group_permutation(w, s, p, iw, plan))
+
+    def learn_from(init_perm: torch.Tensor) -> torch.Tensor:
+        perm, learned_info = learn(list(dense.values()), stats, init_perm, input_weights)
+        info.update(learned_info)
+        return perm
+
+    perm = PERMUTATIONS[plan.permutation].choose(scores, plan.pattern, heads, learn_from, info, timed)
     pruned, masks = metric.prune(dense, scores, stats, perm, plan.pattern, plan.damp, info, timed)
     pruned = {name: w.to(weights[name].dtype) for name, w in pruned.items()}
     return GroupPlan(perm=perm, weights=pruned, masks=masks, info=info)
-
-
-def _permutation(dense, scores, stats, input_weights, plan: PruningPlan, learn, heads, info: dict, timed):
-    """The group's input permutation: the identity, the heuristic one on `scores`, or that one then learned."""
-    n, m = plan.pattern.n, plan.pattern.m
-    width = scores.shape[1]
-    info["identity_score"] = retained_score(scores, identity_permutation(width), n, m)
-    if plan.permutation == "none":
-        return identity_permutation(width, scores.device)
-    with timed("permutation"):
-        if heads is not None:
-            perm = head_shared_permutation(scores, *heads, n, m)
-        else:
-            perm = heuristic_permutation(scores, n, m, max_groups_per_lsa=LSA_BLOCK if width // m > 4 * LSA_BLOCK else None)
-    info["heuristic_score"] = retained_score(scores, perm, n, m)
-    if plan.permutation == "learned":
-        learn = learn or (lambda w, s, p, iw: learn_group_permutation(w, s, p, iw, plan))
-        with timed("learned_permutation"):
-            perm, learned_info = learn(list(dense.values()), stats, perm, input_weights)
-        info.update(learned_info)
-    return perm
 
 
 def learn_group_permutation(weights, stats, init_perm: torch.Tensor, input_weights, plan: PruningPlan, loss_fn=None):
