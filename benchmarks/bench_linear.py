@@ -36,6 +36,7 @@ from optimum_permllm.nn.cuda_sparse import (
     compress_weight,
     semi_structured_support,
 )
+from optimum_permllm.nn.packed_linear import MAX_PACKED_TOKENS, packed_linear
 from optimum_permllm.sparse.nm import nm_mask, pack_nm, packed_nbytes
 
 # (in_features, out_features, layers): LLaMA-2-7B.
@@ -43,7 +44,8 @@ LLAMA2_7B_SHAPES = [(4096, 4096, "q/k/v/o"), (4096, 11008, "gate/up"), (11008, 4
 QUICK_SHAPES = [(256, 256, "q/k/v/o"), (256, 688, "gate/up"), (688, 256, "down")]
 SWEEP_TOKENS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096,
                 6144, 8192]
-TOKENS = [1, 16, 128, 512, 2048, 8192]  # issue 28: decode, small batches, prefill chunks
+TOKENS = [1, 16, 128, 512, 2048, 8192]
+PACKED_SWEEP_MAX = 128  # the packed few-token kernel is swept up to here (it re-reads the weight per 8 tokens)  # issue 28: decode, small batches, prefill chunks
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 EPS = 1e-5
 
@@ -109,8 +111,9 @@ def build_layer(in_features: int, out_features: int, dtype, device, seed: int = 
     reason = semi_structured_support(masked.shape, dtype, device, 2, 4)
     module = PermutedSparseLinear(in_features, out_features, 2, 4, bias=False, device=device, dtype=dtype)
     module.load_packed(masked, perm)
+    values, bitmask = pack_nm(masked, 2, 4)
     return {
-        "module": module,
+        "module": module, "values": values, "bitmask": bitmask,
         "dense": dense, "masked": masked, "perm": perm, "reason": reason,
         "compressed": compress_weight(masked) if reason is None else None,
         "norm_weight": torch.rand(in_features, generator=g, device=device, dtype=dtype) + 0.5,
@@ -126,10 +129,22 @@ def variants(layer: dict, x: torch.Tensor) -> dict:
         "dense": lambda: F.linear(x, dense),
         "2:4": lambda: F.linear(folded, sparse),
         "2:4+index_select": lambda: F.linear(x.index_select(-1, perm), sparse),
+        "packed": lambda: packed_linear(folded, layer["values"], layer["bitmask"], None, x.shape[-1], 2, 4),
         "PermutedSparseLinear": lambda: layer["module"](x),
         "norm+dense": lambda: F.linear(norm_reference(x, g, None, EPS, "rms"), dense),
         "fused_norm+2:4": lambda: F.linear(permuted_norm(x, g, None, perm, EPS, "rms"), sparse),
     }
+
+
+def packed_call(layer: dict, x: torch.Tensor):
+    """The Triton packed kernel at any token count on a GPU (to find where it stops winning); the packed
+    reference (unpack + dense matmul) elsewhere."""
+    folded = x.index_select(-1, layer["perm"])
+    if x.is_cuda:
+        from optimum_permllm.kernels.triton_packed import packed_24_linear_triton
+
+        return lambda: packed_24_linear_triton(folded, layer["values"], layer["bitmask"], None)
+    return lambda: packed_linear(folded, layer["values"], layer["bitmask"], None, x.shape[-1], 2, 4)
 
 
 def timing_rows(args) -> tuple[list[str], list[list[str]], list[str]]:
@@ -162,23 +177,30 @@ def sweep_thresholds(args) -> tuple[list[str], list[list[str]], dict]:
     """Dense time / 2:4 time per swept token count for every (shape, dtype), and per weight shape
     (out_features, in_features) the smallest swept count from which the kernel wins at it and every larger
     swept count, for all dtypes (None when it never does)."""
-    headers = ["tokens"] + [f"{label} {_dtype_name(d)}" for _, _, label in args.shapes for d in args.dtypes]
-    columns, by_shape = [], {}
+    labels = [f"{label} {_dtype_name(d)}" for _, _, label in args.shapes for d in args.dtypes]
+    headers = ["tokens"] + [f"2:4 {name}" for name in labels] + [f"packed {name}" for name in labels]
+    columns, packed_columns, by_shape = [], [], {}
     for in_f, out_f, _ in args.shapes:
         wins = []
         for dtype in args.dtypes:
             layer = build_layer(in_f, out_f, dtype, args.device)
-            ratios = []
+            ratios, packed = [], []
             for tokens in args.sweep_tokens:
                 x = torch.randn(tokens, in_f, device=args.device, dtype=dtype)
                 calls = variants(layer, x)
                 dense = time_ms(calls["dense"], args.device, args.warmup, args.repeats, args.inner)
                 sparse = time_ms(calls["2:4"], args.device, args.warmup, args.repeats, args.inner)
                 ratios.append(dense / sparse)
+                few = tokens <= PACKED_SWEEP_MAX
+                packed.append(dense / time_ms(packed_call(layer, x), args.device, args.warmup, args.repeats,
+                                              args.inner) if few else None)
             columns.append(ratios)
+            packed_columns.append(packed)
             wins.append(first_lasting_win(args.sweep_tokens, ratios))
         by_shape[(out_f, in_f)] = None if None in wins else max(wins)
-    rows = [[str(t)] + [f"{col[i]:.2f}x" for col in columns] for i, t in enumerate(args.sweep_tokens)]
+    rows = [[str(t)] + [f"{col[i]:.2f}x" for col in columns]
+            + [f"{col[i]:.2f}x" if col[i] is not None else "-" for col in packed_columns]
+            for i, t in enumerate(args.sweep_tokens)]
     return headers, rows, by_shape
 
 
@@ -304,7 +326,9 @@ def main(argv=None) -> None:
         print(f"\nThreshold sweep skipped (--no-sweep); DEFAULT_MIN_TOKENS = {DEFAULT_MIN_TOKENS}")
         return
     headers, rows, by_shape = sweep_thresholds(args)
-    print("\n## Threshold sweep: dense time / 2:4 time (input already permuted)\n")
+    print("\n## Threshold sweep: dense time / 2:4 kernel time, and dense time / packed-form time "
+          f"(input already permuted; packed = the Triton packed kernel at every count on a GPU, "
+          f"whatever MAX_PACKED_TOKENS = {MAX_PACKED_TOKENS} says)\n")
     if not on_gpu:
         print("CPU stand-in: '2:4' is the dense masked weight, so these ratios and the table below say nothing "
               "about a GPU; they only exercise the sweep.\n")

@@ -170,15 +170,19 @@ def pad_rows(x2d: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def sparse_linear(x: torch.Tensor, compressed: torch.Tensor, dense_weight_fn: Callable[[], torch.Tensor],
-                  bias: torch.Tensor | None, min_tokens: float = DEFAULT_MIN_TOKENS) -> torch.Tensor:
-    """Linear layer on permuted input: the sparse kernel for >= min_tokens tokens, else a dense matmul.
+                  bias: torch.Tensor | None, min_tokens: float = DEFAULT_MIN_TOKENS,
+                  few_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Linear layer on permuted input: the sparse kernel for >= min_tokens tokens, else `few_tokens(x)`.
 
-    `dense_weight_fn()` returns the dense permuted weight [out, in] (zeros where pruned); it serves small
-    calls, dtype mismatches (the kernel needs x, weight and bias in one dtype) and the backward pass.
+    `dense_weight_fn()` returns the dense permuted weight [out, in] (zeros where pruned) for the backward
+    pass. Small calls and dtype mismatches (the kernel needs x, weight and bias in one dtype) go to
+    `few_tokens`, by default a dense matmul with that weight.
     """
     tokens = x.numel() // max(x.shape[-1], 1)
     same_dtype = x.dtype == compressed.dtype and (bias is None or bias.dtype == x.dtype)
     if tokens < min_tokens or not same_dtype or tokens == 0:
+        if few_tokens is not None:
+            return few_tokens(x)
         weight = dense_weight_fn().to(x.dtype)
         return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
     return SemiStructuredMatmul.apply(x, compressed, dense_weight_fn, bias)

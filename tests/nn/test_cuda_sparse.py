@@ -195,6 +195,17 @@ def test_sparse_linear_dispatches_on_token_count(monkeypatch):
     assert calls == ["dense", "sparse", "dense"]
 
 
+def test_sparse_linear_sends_small_calls_to_few_tokens(monkeypatch):
+    calls = []
+    monkeypatch.setattr(SemiStructuredMatmul, "apply", lambda *args: calls.append("sparse"))
+    weight = masked_weight(16, 16)
+    y = sparse_linear(torch.randn(3, 16), weight, lambda: calls.append("dense"), None, min_tokens=4,
+                      few_tokens=lambda x: calls.append("few") or x * 2)
+    sparse_linear(torch.randn(4, 16), weight, lambda: calls.append("dense"), None, min_tokens=4,
+                  few_tokens=lambda x: calls.append("few"))
+    assert calls == ["few", "sparse"] and y.shape == (3, 16)
+
+
 def test_default_min_tokens_is_a_positive_int():
     assert isinstance(cuda_sparse.DEFAULT_MIN_TOKENS, int) and cuda_sparse.DEFAULT_MIN_TOKENS >= 1
 
