@@ -7,7 +7,7 @@ RMSNorm followed by the layer, unfused (Hugging Face eager norm, dense layer) ve
 norm feeding the 2:4 layer. Then sweeps 1..8192 tokens per shape and prints the dispatch table: for each
 weight shape, the smallest token count from which the kernel beats dense at that count and every larger
 one, as the dict to paste into `optimum_permllm.nn.cuda_sparse.MIN_TOKENS_BY_SHAPE` (None: the kernel never
-won, the shape stays dense) and the value for `DEFAULT_MIN_TOKENS` (the largest of them). Also reports
+won, the shape stays dense) and `KERNEL_MIN_MACS`, the call size from which unlisted shapes use it. Also reports
 weight memory, and where the 2:4 module is slower than the dense layer.
 
     python benchmarks/bench_linear.py                      # on a CUDA GPU (benchmarks/gpu_check.sh runs it)
@@ -31,12 +31,11 @@ from optimum_permllm.kernels import permuted_norm
 from optimum_permllm.kernels.permuted_norm import norm_reference
 from optimum_permllm.nn import PermutedSparseLinear
 from optimum_permllm.nn.cuda_sparse import (
-    DEFAULT_MIN_TOKENS,
+    KERNEL_MIN_MACS,
     MIN_TOKENS_BY_SHAPE,
     compress_weight,
     semi_structured_support,
 )
-from optimum_permllm.nn.packed_linear import MAX_PACKED_TOKENS, packed_linear
 from optimum_permllm.sparse.nm import nm_mask, pack_nm, packed_nbytes
 
 # (in_features, out_features, layers): LLaMA-2-7B.
@@ -44,8 +43,7 @@ LLAMA2_7B_SHAPES = [(4096, 4096, "q/k/v/o"), (4096, 11008, "gate/up"), (11008, 4
 QUICK_SHAPES = [(256, 256, "q/k/v/o"), (256, 688, "gate/up"), (688, 256, "down")]
 SWEEP_TOKENS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096,
                 6144, 8192]
-TOKENS = [1, 16, 128, 512, 2048, 8192]
-PACKED_SWEEP_MAX = 128  # the packed few-token kernel is swept up to here (it re-reads the weight per 8 tokens)  # issue 28: decode, small batches, prefill chunks
+TOKENS = [1, 16, 128, 512, 2048, 8192]  # issue 28: decode, small batches, prefill chunks
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 EPS = 1e-5
 
@@ -111,9 +109,8 @@ def build_layer(in_features: int, out_features: int, dtype, device, seed: int = 
     reason = semi_structured_support(masked.shape, dtype, device, 2, 4)
     module = PermutedSparseLinear(in_features, out_features, 2, 4, bias=False, device=device, dtype=dtype)
     module.load_packed(masked, perm)
-    values, bitmask = pack_nm(masked, 2, 4)
     return {
-        "module": module, "values": values, "bitmask": bitmask,
+        "module": module,
         "dense": dense, "masked": masked, "perm": perm, "reason": reason,
         "compressed": compress_weight(masked) if reason is None else None,
         "norm_weight": torch.rand(in_features, generator=g, device=device, dtype=dtype) + 0.5,
@@ -129,22 +126,10 @@ def variants(layer: dict, x: torch.Tensor) -> dict:
         "dense": lambda: F.linear(x, dense),
         "2:4": lambda: F.linear(folded, sparse),
         "2:4+index_select": lambda: F.linear(x.index_select(-1, perm), sparse),
-        "packed": lambda: packed_linear(folded, layer["values"], layer["bitmask"], None, x.shape[-1], 2, 4),
         "PermutedSparseLinear": lambda: layer["module"](x),
         "norm+dense": lambda: F.linear(norm_reference(x, g, None, EPS, "rms"), dense),
         "fused_norm+2:4": lambda: F.linear(permuted_norm(x, g, None, perm, EPS, "rms"), sparse),
     }
-
-
-def packed_call(layer: dict, x: torch.Tensor):
-    """The Triton packed kernel at any token count on a GPU (to find where it stops winning); the packed
-    reference (unpack + dense matmul) elsewhere."""
-    folded = x.index_select(-1, layer["perm"])
-    if x.is_cuda:
-        from optimum_permllm.kernels.triton_packed import packed_24_linear_triton
-
-        return lambda: packed_24_linear_triton(folded, layer["values"], layer["bitmask"], None)
-    return lambda: packed_linear(folded, layer["values"], layer["bitmask"], None, x.shape[-1], 2, 4)
 
 
 def timing_rows(args) -> tuple[list[str], list[list[str]], list[str]]:
@@ -177,30 +162,23 @@ def sweep_thresholds(args) -> tuple[list[str], list[list[str]], dict]:
     """Dense time / 2:4 time per swept token count for every (shape, dtype), and per weight shape
     (out_features, in_features) the smallest swept count from which the kernel wins at it and every larger
     swept count, for all dtypes (None when it never does)."""
-    labels = [f"{label} {_dtype_name(d)}" for _, _, label in args.shapes for d in args.dtypes]
-    headers = ["tokens"] + [f"2:4 {name}" for name in labels] + [f"packed {name}" for name in labels]
-    columns, packed_columns, by_shape = [], [], {}
+    headers = ["tokens"] + [f"{label} {_dtype_name(d)}" for _, _, label in args.shapes for d in args.dtypes]
+    columns, by_shape = [], {}
     for in_f, out_f, _ in args.shapes:
         wins = []
         for dtype in args.dtypes:
             layer = build_layer(in_f, out_f, dtype, args.device)
-            ratios, packed = [], []
+            ratios = []
             for tokens in args.sweep_tokens:
                 x = torch.randn(tokens, in_f, device=args.device, dtype=dtype)
                 calls = variants(layer, x)
                 dense = time_ms(calls["dense"], args.device, args.warmup, args.repeats, args.inner)
                 sparse = time_ms(calls["2:4"], args.device, args.warmup, args.repeats, args.inner)
                 ratios.append(dense / sparse)
-                few = tokens <= PACKED_SWEEP_MAX
-                packed.append(dense / time_ms(packed_call(layer, x), args.device, args.warmup, args.repeats,
-                                              args.inner) if few else None)
             columns.append(ratios)
-            packed_columns.append(packed)
             wins.append(first_lasting_win(args.sweep_tokens, ratios))
         by_shape[(out_f, in_f)] = None if None in wins else max(wins)
-    rows = [[str(t)] + [f"{col[i]:.2f}x" for col in columns]
-            + [f"{col[i]:.2f}x" if col[i] is not None else "-" for col in packed_columns]
-            for i, t in enumerate(args.sweep_tokens)]
+    rows = [[str(t)] + [f"{col[i]:.2f}x" for col in columns] for i, t in enumerate(args.sweep_tokens)]
     return headers, rows, by_shape
 
 
@@ -212,22 +190,29 @@ def first_lasting_win(tokens: list[int], ratios: list[float]) -> int | None:
     return None
 
 
-def dispatch_lines(by_shape: dict, shapes) -> list[str]:
+def dispatch_lines(by_shape: dict, shapes, largest_tokens: int) -> list[str]:
     """The dispatch table as Python to paste into optimum_permllm/nn/cuda_sparse.py, with what it means."""
     labels = {(out_f, in_f): label for in_f, out_f, label in shapes}
     entries = [f"    ({out_f}, {in_f}): {threshold},  # {labels[(out_f, in_f)]}"
                for (out_f, in_f), threshold in by_shape.items()]
-    measured = [t for t in by_shape.values() if t is not None]
-    default = max(measured) if measured else None
     return [
         "Paste into optimum_permllm/nn/cuda_sparse.py (keys: weight shape (out_features, in_features); value:",
-        "the token count from which the 2:4 kernel is used; None: that shape always stays on the dense path):\n",
+        "the token count from which the 2:4 kernel is used; None: that shape always stays on the dense path;",
+        "KERNEL_MIN_MACS: the multiply-adds per call above every measured loss and at every measured win):\n",
         "```python", "MIN_TOKENS_BY_SHAPE = {", *entries, "}",
-        f"DEFAULT_MIN_TOKENS = {default if default is not None else DEFAULT_MIN_TOKENS}"
-        + ("  # the largest threshold measured" if default is not None else "  # unchanged: the kernel never won"),
+        f"KERNEL_MIN_MACS = {kernel_min_macs(by_shape, largest_tokens):.2g}",
         "```",
-        f"\n(in use now: DEFAULT_MIN_TOKENS = {DEFAULT_MIN_TOKENS}, MIN_TOKENS_BY_SHAPE = {MIN_TOKENS_BY_SHAPE})",
+        f"\n(in use now: KERNEL_MIN_MACS = {KERNEL_MIN_MACS:.2g}, MIN_TOKENS_BY_SHAPE = {MIN_TOKENS_BY_SHAPE})",
     ]
+
+
+def kernel_min_macs(by_shape: dict, largest_tokens: int) -> float:
+    """The smallest tokens x out x in, rounded up to two digits, at or above every shape's winning threshold and
+    above every shape that never won at the largest count swept (unlisted shapes use the kernel from there)."""
+    bounds = [(largest_tokens + 1 if t is None else t) * out_f * in_f for (out_f, in_f), t in by_shape.items()]
+    bound = max(bounds)
+    scale = 10 ** (len(str(int(bound))) - 2)
+    return float(-(-bound // scale) * scale)
 
 
 def memory_rows(args) -> tuple[list[str], list[list[str]]]:
@@ -323,18 +308,16 @@ def main(argv=None) -> None:
     print("\n## Weight memory per layer\n")
     print(markdown_table(*memory_rows(args)))
     if args.no_sweep:
-        print(f"\nThreshold sweep skipped (--no-sweep); DEFAULT_MIN_TOKENS = {DEFAULT_MIN_TOKENS}")
+        print(f"\nThreshold sweep skipped (--no-sweep); KERNEL_MIN_MACS = {KERNEL_MIN_MACS:.2g}")
         return
     headers, rows, by_shape = sweep_thresholds(args)
-    print("\n## Threshold sweep: dense time / 2:4 kernel time, and dense time / packed-form time "
-          f"(input already permuted; packed = the Triton packed kernel at every count on a GPU, "
-          f"whatever MAX_PACKED_TOKENS = {MAX_PACKED_TOKENS} says)\n")
+    print("\n## Threshold sweep: dense time / 2:4 time (input already permuted)\n")
     if not on_gpu:
         print("CPU stand-in: '2:4' is the dense masked weight, so these ratios and the table below say nothing "
               "about a GPU; they only exercise the sweep.\n")
     print(markdown_table(headers, rows))
     print("\n## Dispatch table\n")
-    print("\n".join(dispatch_lines(by_shape, args.shapes)))
+    print("\n".join(dispatch_lines(by_shape, args.shapes, args.sweep_tokens[-1])))
 
 
 if __name__ == "__main__":

@@ -102,6 +102,5 @@ def kernel_calls(monkeypatch):
 
     monkeypatch.setattr(cuda_sparse.SemiStructuredMatmul, "apply", counted_apply)
     monkeypatch.setattr(cuda_sparse, "sparse_linear", recorded)
-    monkeypatch.setattr(cuda_sparse, "MIN_TOKENS_BY_SHAPE", {})
-    monkeypatch.setattr(cuda_sparse, "DEFAULT_MIN_TOKENS", 64)
+    monkeypatch.setattr(cuda_sparse, "min_tokens_for", lambda out_features, in_features: 64)
     return calls

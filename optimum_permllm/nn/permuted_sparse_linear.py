@@ -8,7 +8,6 @@ device at first use and is never saved.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
@@ -150,22 +149,17 @@ class PermutedSparseLinear(nn.Module):
         return F.linear(x, self._cached_dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _cuda_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The 2:4 kernel from its token threshold on; below it (decode) or without a kernel, the packed
-        form directly (`packed_linear`), so the GPU never keeps an unpacked dense copy of the weight."""
+        """The 2:4 kernel for calls large enough to gain from it (`min_tokens_for`), else the dense masked
+        matmul. The compressed weight is built at the first such call, so decode never holds it."""
         from .cuda_sparse import min_tokens_for, sparse_linear
 
         min_tokens = min_tokens_for(self.out_features, self.in_features)
-        compressed = self._cuda_weight() if min_tokens != math.inf else None  # never built where it never wins
+        tokens = x.numel() // max(self.in_features, 1)
+        compressed = self._cuda_weight() if tokens >= min_tokens else None
         if compressed is None:
-            return self._packed_call(x)
-        return sparse_linear(x, compressed, self.permuted_dense_weight, self.bias, min_tokens,
-                             few_tokens=self._packed_call)
-
-    def _packed_call(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T + bias from the packed values and bitmask."""
-        from .packed_linear import packed_linear
-
-        return packed_linear(x, self.weight, self.weight_mask, self.bias, self.in_features, self.n, self.m)
+            return F.linear(x, self._cached_dense_weight().to(x.dtype),
+                            None if self.bias is None else self.bias.to(x.dtype))
+        return sparse_linear(x, compressed, self._cached_dense_weight, self.bias, min_tokens)
 
     def _weight_key(self) -> tuple:
         """What the derived weights depend on: the packed values and the mask (their place and version)."""

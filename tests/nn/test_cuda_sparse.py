@@ -195,26 +195,13 @@ def test_sparse_linear_dispatches_on_token_count(monkeypatch):
     assert calls == ["dense", "sparse", "dense"]
 
 
-def test_sparse_linear_sends_small_calls_to_few_tokens(monkeypatch):
-    calls = []
-    monkeypatch.setattr(SemiStructuredMatmul, "apply", lambda *args: calls.append("sparse"))
-    weight = masked_weight(16, 16)
-    y = sparse_linear(torch.randn(3, 16), weight, lambda: calls.append("dense"), None, min_tokens=4,
-                      few_tokens=lambda x: calls.append("few") or x * 2)
-    sparse_linear(torch.randn(4, 16), weight, lambda: calls.append("dense"), None, min_tokens=4,
-                  few_tokens=lambda x: calls.append("few"))
-    assert calls == ["few", "sparse"] and y.shape == (3, 16)
-
-
-def test_default_min_tokens_is_a_positive_int():
-    assert isinstance(cuda_sparse.DEFAULT_MIN_TOKENS, int) and cuda_sparse.DEFAULT_MIN_TOKENS >= 1
-
-
-def test_min_tokens_per_shape_overrides_the_default(monkeypatch):
-    monkeypatch.setattr(cuda_sparse, "DEFAULT_MIN_TOKENS", 64)
+def test_measured_shapes_follow_the_table_and_others_the_multiply_add_bound(monkeypatch):
     monkeypatch.setattr(cuda_sparse, "MIN_TOKENS_BY_SHAPE", {(11008, 4096): 512, (4096, 11008): None})
+    monkeypatch.setattr(cuda_sparse, "KERNEL_MIN_MACS", 1000)
     assert cuda_sparse.min_tokens_for(11008, 4096) == 512
-    assert cuda_sparse.min_tokens_for(4096, 4096) == 64
+    assert cuda_sparse.min_tokens_for(10, 10) == 10  # 10 tokens x 10 x 10 = 1000 multiply-adds
+    assert cuda_sparse.min_tokens_for(10, 9) == 12  # ceil(1000 / 90)
+    assert cuda_sparse.min_tokens_for(100, 100) == 1
     never = cuda_sparse.min_tokens_for(4096, 11008)
     assert never > 10**12
     calls = []
@@ -222,6 +209,13 @@ def test_min_tokens_per_shape_overrides_the_default(monkeypatch):
     weight = masked_weight(16, 16)
     sparse_linear(torch.randn(10**4, 16), weight, lambda: calls.append("dense") or weight, None, never)
     assert calls == ["dense"]
+
+
+def test_the_shipped_dispatch_never_uses_the_kernel_where_it_was_measured_to_lose():
+    """The H200 sweep: 4096x4096 lost at every count up to 8192 tokens; the MLP shapes won only from 6144/8192."""
+    assert cuda_sparse.min_tokens_for(4096, 4096) > 8192
+    assert cuda_sparse.min_tokens_for(11008, 4096) >= 6144 and cuda_sparse.min_tokens_for(4096, 11008) >= 8192
+    assert cuda_sparse.min_tokens_for(576, 576) * 576 * 576 >= cuda_sparse.KERNEL_MIN_MACS  # SmolLM2-sized
 
 
 def test_a_refused_layer_logs_why_it_stays_dense(caplog):
