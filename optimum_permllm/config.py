@@ -186,8 +186,8 @@ class PermLLMConfig(QuantizationConfigMixin):
 
     @property
     def needs_calibration(self) -> bool:
-        """True when pruning needs activations from calibration text."""
-        return self.metric != "magnitude" or self.permutation != "none"
+        """True when pruning needs activations from calibration text (`PruningPlan.needs_calibration`)."""
+        return self.to_plan().needs_calibration
 
     def to_plan(self) -> PruningPlan:
         """The settings the pruning pipeline reads, resolved once into a frozen dataclass."""

@@ -22,10 +22,11 @@ from ..nn.permuted_sparse_linear import PermutedSparseLinear
 from .capture import CalibrationCache, capture
 from .distributed import map_across_ranks
 from .offload import check_offload, execution_device, offload_hooks, on_device
+from .permutations import PERMUTATIONS
 from .plan import PruningPlan
 from .planning import GroupPlan, learn_group_permutation, plan_group
 from .preflight import check_finite_inputs, warn_few_tokens
-from .statistics import collect_statistics
+from .statistics import collect_statistics, split_groups
 from .structure import attention_heads, find_decoder_layers, layer_linears, set_submodule
 
 logger = logging.getLogger(__name__)
@@ -34,21 +35,27 @@ LayerCallback = Callable[[int, dict], None]
 
 
 @torch.no_grad()
-def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, plan: PruningPlan, progress: bool = True,
+def sparsify_layerwise(model: nn.Module, samples: torch.Tensor | None, plan: PruningPlan, progress: bool = True,
                        callback: LayerCallback | None = None, device=None, batch_size: int = 1) -> list[str]:
-    """Prune every decoder linear of `model` in place; returns the qualified names of converted layers."""
+    """Prune every decoder linear of `model` in place as `plan` says; returns the qualified names of converted layers.
+
+    `samples` are the calibration token ids [num_samples, seq_len]; None for a plan that reads no calibration
+    data (`plan.needs_calibration` False: magnitude pruning without a permutation), which prunes each linear on
+    its own weights.
+    """
     prefix, layers = find_decoder_layers(model)
     check_offload(model, prefix, layers)
     model_device = execution_device(layers) or next(model.parameters()).device
     device = torch.device(device) if device is not None else model_device
-    _check_samples(samples, model)
+    _check_samples(samples, model, plan)
     _check_model_scope(plan, layers, device)
-    warn_few_tokens(layer_linears(layers[0], plan.modules_to_not_convert), plan, samples.numel())
+    if samples is not None:
+        warn_few_tokens(layer_linears(layers[0], plan.modules_to_not_convert), plan, samples.numel())
     heads = attention_heads(getattr(model, "config", None))
     converted: list[str] = []
     with _no_kv_cache(model):
-        cache = capture(model, layers, samples, batch_size, model_device)
-        if device != model_device:
+        cache = None if samples is None else capture(model, layers, samples, batch_size, model_device)
+        if cache is not None and device != model_device:
             cache = cache.to(device)
         bar = tqdm(range(len(layers)), desc="permllm: pruning layers", disable=not progress, unit="layer")
         for index in bar:
@@ -57,7 +64,8 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, plan: PruningPla
             with on_device(layer, device):  # an accelerate-offloaded layer is loaded, then written back
                 names, info = _sparsify_layer(layer, index, cache, plan, f"{prefix}.{index}",
                                               layers[index + 1:], heads)
-                cache.hidden = [cache.call_for(index, h).run(layer, h) for h in cache.hidden]
+                if cache is not None:
+                    cache.hidden = [cache.call_for(index, h).run(layer, h) for h in cache.hidden]
             converted += names
             info["seconds"] = time.perf_counter() - start
             bar.set_postfix_str(_postfix(info))
@@ -68,20 +76,19 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, plan: PruningPla
 
 
 @torch.no_grad()
-def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, plan: PruningPlan,
+def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache | None, plan: PruningPlan,
                     qualified: str, later_layers=(), heads=None) -> tuple[list[str], dict]:
     """Prune one decoder layer in place; returns the converted names and what was decided per group."""
     linears = layer_linears(layer, plan.modules_to_not_convert, layer_name=qualified)
     for name, linear in linears.items():
         plan.pattern.check_width(linear.in_features, f"{qualified}.{name}.in_features")
-    stats, groups = collect_statistics(layer, index, cache, linears, plan.needs_gram)
-    check_finite_inputs({name: s.sum_squares for name, s in stats.items()}, qualified)
+    stats, groups = _groups(layer, index, cache, linears, plan, qualified)
     learn = _learner(plan, layer, index, cache, later_layers)
     head_shaped = _head_shaped_groups(layer, heads, groups, plan)
 
     def plan_one(group):  # groups are independent, so under torch.distributed each rank plans a share
         weights = {name: linears[name].weight for name in group}
-        group_learn = None if learn is None else (lambda w, s, p: learn(group, w, s, p))
+        group_learn = None if learn is None else (lambda w, s, p, iw: learn(group, w, s, p, iw))
         group_heads = heads[:2] if group[0] in head_shaped else None
         return plan_group(weights, stats[group[0]], plan, learn=group_learn, heads=group_heads)
 
@@ -89,12 +96,26 @@ def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, plan:
     _warn_unconverged(qualified, decided)
     for group, group_plan in decided.items():
         _replace_group(layer, linears, group, group_plan, plan)
-    if plan.fold_permutations:
+    if plan.fold_permutations and cache is not None:
         from .folding import fold_layer_permutations
 
         fold_layer_permutations(layer, index, cache, heads, groups, prefix=f"{qualified}.")
     info = {"groups": {"+".join(group): group_plan.info for group, group_plan in decided.items()}}
     return [f"{qualified}.{name}" for name in linears], info
+
+
+def _groups(layer: nn.Module, index: int, cache: CalibrationCache | None, linears: dict[str, nn.Linear],
+            plan: PruningPlan, qualified: str):
+    """The layer's groups of linears planned together, and each group's input statistics (by its first member):
+    the linears that read one input, split as `plan.own_permutation` says; each linear alone, without
+    statistics, when there is no calibration data."""
+    if cache is None:
+        return {name: None for name in linears}, [[name] for name in linears]
+    stats, groups = collect_statistics(layer, index, cache, linears, plan.needs_gram)
+    check_finite_inputs({name: s.sum_squares for name, s in stats.items()}, qualified)
+    if plan.own_permutation:
+        stats, groups = split_groups(stats, groups, plan.own_permutation)
+    return stats, groups
 
 
 def _warn_unconverged(qualified: str, decided: dict) -> None:
@@ -114,7 +135,8 @@ def _warn_unconverged(qualified: str, decided: dict) -> None:
 def _head_shaped_groups(layer: nn.Module, heads, groups, plan: PruningPlan) -> set[str]:
     """With fold_permutations="all": attention-output groups whose heuristic permutation is chosen inside
     heads, so that it folds into v_proj (a free permutation is more accurate: research/FINDINGS.md)."""
-    if heads is None or plan.fold_permutations != "all" or plan.permutation != "heuristic" or heads[2] % plan.pattern.m:
+    inside_heads = PERMUTATIONS[plan.permutation].inside_heads
+    if heads is None or plan.fold_permutations != "all" or not inside_heads or heads[2] % plan.pattern.m:
         return set()
     from .folding import head_fold_candidates
 
@@ -130,15 +152,15 @@ def _replace_group(layer, linears, group, group_plan: GroupPlan, plan: PruningPl
 
 
 def _learner(plan: PruningPlan, layer: nn.Module, index: int, cache: CalibrationCache, later_layers=()):
-    """The learned-permutation step `learn(group, weights, stats, init_perm)`, in the planned scope."""
-    if plan.permutation != "learned":
+    """The learned-permutation step `learn(group, weights, stats, init_perm, input_weights)`, in the planned scope."""
+    if not plan.learns:
         return None
 
-    def learn(group, weights, stats, init_perm):
+    def learn(group, weights, stats, init_perm, input_weights):
         from .scopes import scope_loss_fn
 
         loss_fn = scope_loss_fn(plan.learning.scope, layer, index, cache, group, later_layers=later_layers)
-        return learn_group_permutation(weights, stats, init_perm, plan, loss_fn)
+        return learn_group_permutation(weights, stats, init_perm, input_weights, plan, loss_fn)
 
     return learn
 
@@ -164,7 +186,7 @@ def _summary(info: dict) -> str:
 def _check_model_scope(plan: PruningPlan, layers, device: torch.device) -> None:
     """The `model` scope runs every later decoder layer with its own weights at each learning step, so all of
     them must be loaded on the pruning device: refuse offloaded layers or layers elsewhere, before any change."""
-    if plan.permutation != "learned" or plan.learning.scope != "model":
+    if not plan.learns or plan.learning.scope != "model":
         return
     placed = {p.device for layer in layers for p in layer.parameters()}
     offloaded = any(offload_hooks(layer) for layer in layers)
@@ -179,7 +201,13 @@ def _check_model_scope(plan: PruningPlan, layers, device: torch.device) -> None:
         )
 
 
-def _check_samples(samples: torch.Tensor, model: nn.Module) -> None:
+def _check_samples(samples: torch.Tensor | None, model: nn.Module, plan: PruningPlan) -> None:
+    if samples is None:
+        if plan.needs_calibration:
+            raise ValueError(f"metric={plan.metric!r} with permutation={plan.permutation!r} needs calibration samples "
+                             "(a LongTensor [num_samples, seq_len]); only magnitude pruning without a permutation "
+                             "runs without them.")
+        return
     if not isinstance(samples, torch.Tensor) or samples.dim() != 2 or samples.numel() == 0:
         raise ValueError("Calibration samples must be a non-empty LongTensor [num_samples, seq_len].")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)

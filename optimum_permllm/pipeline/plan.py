@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..algorithms.scores import permutation_metric
 from ..sparse.nm import NMPattern
+from .metrics import METRICS
+from .permutations import PERMUTATIONS
 
 
 @dataclass(frozen=True)
 class LearningSettings:
-    """How the learned permutation runs (read only when `PruningPlan.permutation == "learned"`)."""
+    """How the learned permutation runs (read only when `PruningPlan.learns`)."""
 
     learner: str = "sinkhorn"
     scope: str = "layer"
@@ -27,7 +28,11 @@ class LearningSettings:
 @dataclass(frozen=True)
 class PruningPlan:
     """The N:M pattern, the metric that keeps weights (and SparseGPT's dampening), the permutation choice,
-    where permutations are folded, which linears stay dense, and the learning settings."""
+    where permutations are folded, which linears stay dense, and the learning settings.
+
+    `own_permutation` (not a config setting: for research, e.g. research/per_linear_end_to_end.py) names
+    linears, as `modules_to_not_convert` does, that are planned as a group of their own, with their own
+    permutation, instead of sharing one with the other linears that read their input."""
 
     pattern: NMPattern
     metric: str = "wanda"
@@ -36,14 +41,20 @@ class PruningPlan:
     fold_permutations: bool | str = True
     modules_to_not_convert: tuple[str, ...] = ()
     learning: LearningSettings = field(default_factory=LearningSettings)
+    own_permutation: tuple[str, ...] = ()
 
     @property
-    def permutation_metric(self) -> str:
-        """The score that chooses permutations (see `algorithms.scores.permutation_metric`)."""
-        return permutation_metric(self.metric)
+    def learns(self) -> bool:
+        """The permutation is learned (`permutations.PERMUTATIONS`), so the `learning` settings apply."""
+        return PERMUTATIONS[self.permutation].learns
 
     @property
     def needs_gram(self) -> bool:
-        """SparseGPT's weight update, the Gram-chosen mask, the least-squares refit and the learned
-        permutation's objective need the input Gram matrix."""
-        return self.metric in ("sparsegpt", "gram", "lsq") or self.permutation == "learned"
+        """The metric (`metrics.METRICS`) or the learned permutation's objective reads the input Gram matrix."""
+        return METRICS[self.metric].needs_gram or self.learns
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Pruning needs calibration activations: for the metric's statistics, or to choose a permutation (and
+        check its folds)."""
+        return METRICS[self.metric].calibrated or PERMUTATIONS[self.permutation].calibrated

@@ -8,12 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from optimum_permllm import PermLLMConfig, PermLLMSparsifier, PermutedSparseLinear, demo, save_pretrained
+from optimum_permllm import PermLLMConfig, PermLLMSparsifier, PermutedSparseLinear, save_pretrained
+from optimum_permllm.commands import demo
 from optimum_permllm.data.calibration import get_calibration_data
 from optimum_permllm.sparse import check_nm
 
-from .conftest import save_tiny_dense, tiny_model
-from .data.tiny_text import SENTENCES, tiny_tokenizer
+from ..conftest import save_tiny_dense, tiny_model
+from ..data.tiny_text import SENTENCES, tiny_tokenizer
 
 TEXT = [" ".join(SENTENCES) * 4] * 8
 

@@ -10,12 +10,13 @@ import torch
 from huggingface_hub import HfApi
 from transformers import AutoModelForCausalLM
 
-from optimum_permllm import PermutedSparseLinear, cli
+from optimum_permllm import PermutedSparseLinear
+from optimum_permllm.commands import cli
 from optimum_permllm.evaluation.perplexity import perplexity
 from optimum_permllm.sparse import check_nm
 
-from .conftest import save_tiny_dense
-from .data.tiny_text import SENTENCES, tiny_tokenizer
+from ..conftest import save_tiny_dense
+from ..data.tiny_text import SENTENCES, tiny_tokenizer
 
 COMMANDS = ["prune", "eval", "export-dense", "info", "push"]
 
@@ -156,7 +157,7 @@ def test_push_uploads_through_create_commit(sparse_dir, tmp_path, monkeypatch, c
 @pytest.mark.parametrize("repo, token, message", [("bad//repo", "hf_x", "Invalid Hub repo id"),
                                                   ("me/ok", None, "huggingface-cli login")])
 def test_push_refuses_bad_repo_or_missing_token(sparse_dir, monkeypatch, capsys, repo, token, message):
-    monkeypatch.setattr("optimum_permllm.hub.get_token", lambda: None)
+    monkeypatch.setattr("optimum_permllm.integrations.hub.get_token", lambda: None)
     monkeypatch.setattr(HfApi, "create_commit", lambda *a, **k: pytest.fail("uploaded"))
     argv = ["push", str(sparse_dir), repo] + (["--token", token] if token else [])
     assert cli.main(argv) == 1
@@ -165,7 +166,7 @@ def test_push_refuses_bad_repo_or_missing_token(sparse_dir, monkeypatch, capsys,
 
 def test_demo_passes_every_option_to_the_demo(monkeypatch):
     seen = []
-    monkeypatch.setattr("optimum_permllm.demo.main", lambda argv=None, prog=None: seen.append((argv, prog)))
+    monkeypatch.setattr("optimum_permllm.commands.demo.main", lambda argv=None, prog=None: seen.append((argv, prog)))
     assert cli.main(["demo", "--model", "m", "--permutation", "none", "--help"]) == 0
     assert seen == [(["--model", "m", "--permutation", "none", "--help"], "permllm demo")]
 
@@ -184,8 +185,8 @@ def _imported_top_level_modules(stderr: str) -> set[str]:
 
 
 @pytest.mark.parametrize("argv, usage", [
-    (["-m", "optimum_permllm.cli", "--help"], "usage: permllm "),
-    *[(["-m", "optimum_permllm.cli", command, "--help"], f"usage: permllm {command} ") for command in COMMANDS + ["demo"]],
+    (["-m", "optimum_permllm.commands.cli", "--help"], "usage: permllm "),
+    *[(["-m", "optimum_permllm.commands.cli", command, "--help"], f"usage: permllm {command} ") for command in COMMANDS + ["demo"]],
     (["-m", "optimum_permllm.demo", "--help"], "usage: python -m optimum_permllm.demo "),
 ])
 def test_help_answers_without_importing_torch_or_transformers(argv, usage):
@@ -206,7 +207,7 @@ def test_a_plain_import_registers_permllm_at_once():
 
 
 def test_a_command_run_by_python_m_still_loads_and_registers_after_parsing(sparse_dir):
-    done = subprocess.run([sys.executable, "-m", "optimum_permllm.cli", "info", str(sparse_dir)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "optimum_permllm.commands.cli", "info", str(sparse_dir)], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "14 sparse layers" in done.stdout
