@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cuda_sparse
 from ..sparse.nm import NMPattern, check_nm, nm_mask, pack_nm, unpack_bits, unpack_nm
 from ..sparse.permutation import check_permutation, identity_permutation, invert_permutation, is_identity
 
@@ -146,20 +147,27 @@ class PermutedSparseLinear(nn.Module):
         x = self.permute_input(x)
         if x.is_cuda:
             return self._cuda_forward(x)
-        return F.linear(x, self._cached_dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return self._dense_call(x)
 
     def _cuda_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The 2:4 kernel for calls large enough to gain from it (`min_tokens_for`), else the dense masked
         matmul. The compressed weight is built at the first such call, so decode never holds it."""
-        from .cuda_sparse import min_tokens_for, sparse_linear
-
-        min_tokens = min_tokens_for(self.out_features, self.in_features)
+        min_tokens = cuda_sparse.min_tokens_for(self.out_features, self.in_features)
         tokens = x.numel() // max(self.in_features, 1)
         compressed = self._cuda_weight() if tokens >= min_tokens else None
         if compressed is None:
-            return F.linear(x, self._cached_dense_weight().to(x.dtype),
-                            None if self.bias is None else self.bias.to(x.dtype))
-        return sparse_linear(x, compressed, self._cached_dense_weight, self.bias, min_tokens)
+            return self._dense_call(x)
+        return cuda_sparse.sparse_linear(x, compressed, self._cached_dense_weight, self.bias, min_tokens)
+
+    def _dense_call(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T + bias with the cached unpacked weight; casts only when x has another dtype (each extra
+        op costs a decode step more host time than the matmul itself on a GPU)."""
+        weight, bias = self._cached_dense_weight(), self.bias
+        if weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return F.linear(x, weight, bias)
 
     def _weight_key(self) -> tuple:
         """What the derived weights depend on: the packed values and the mask (their place and version)."""
@@ -180,14 +188,12 @@ class PermutedSparseLinear(nn.Module):
         key = self._weight_key()
         if self._compressed is not None and self._compressed[0] == key:
             return self._compressed[1]
-        from .cuda_sparse import compress_weight, semi_structured_support
-
-        reason = semi_structured_support((self.out_features, self.in_features), self.weight.dtype,
+        reason = cuda_sparse.semi_structured_support((self.out_features, self.in_features), self.weight.dtype,
                                          self.weight.device, self.n, self.m)
         if reason is not None:
             logger.info("PermutedSparseLinear(%d -> %d, %s) stays on the dense path: %s", self.in_features,
                         self.out_features, self.weight.dtype, reason)
-        compressed = None if reason is not None else compress_weight(self._checked_nm_weight())
+        compressed = None if reason is not None else cuda_sparse.compress_weight(self._checked_nm_weight())
         self._compressed = (key, compressed)
         return compressed
 
