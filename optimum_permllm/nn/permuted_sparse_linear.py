@@ -144,24 +144,23 @@ class PermutedSparseLinear(nn.Module):
         return x if self.has_identity_perm() else x.index_select(-1, self.input_perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.permute_input(x)
-        if x.is_cuda:
-            return self._cuda_forward(x)
+        if x.is_cuda and self._uses_kernel(x):
+            x = self.permute_input(x)
+            return cuda_sparse.sparse_linear(x, self._cuda_weight(), self.permuted_dense_weight, self.bias, 0)
         return self._dense_call(x)
 
-    def _cuda_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The 2:4 kernel for calls large enough to gain from it (`min_tokens_for`), else the dense masked
-        matmul. The compressed weight is built at the first such call, so decode never holds it."""
-        min_tokens = cuda_sparse.min_tokens_for(self.out_features, self.in_features)
+    def _uses_kernel(self, x: torch.Tensor) -> bool:
+        """True for calls large enough to gain from the 2:4 kernel (`min_tokens_for`) on a layer it serves.
+        The compressed weight is built at the first such call, so decode never holds it."""
         tokens = x.numel() // max(self.in_features, 1)
-        compressed = self._cuda_weight() if tokens >= min_tokens else None
-        if compressed is None:
-            return self._dense_call(x)
-        return cuda_sparse.sparse_linear(x, compressed, self._cached_dense_weight, self.bias, min_tokens)
+        if tokens < cuda_sparse.min_tokens_for(self.out_features, self.in_features):
+            return False
+        same_dtype = x.dtype == self.weight.dtype and (self.bias is None or self.bias.dtype == x.dtype)
+        return same_dtype and self._cuda_weight() is not None
 
     def _dense_call(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T + bias with the cached unpacked weight; casts only when x has another dtype (each extra
-        op costs a decode step more host time than the matmul itself on a GPU)."""
+        """x @ W.T + bias with the cached dense weight in the input's own column order: one matmul, no gather,
+        as cheap as the dense layer (casts only when x has another dtype)."""
         weight, bias = self._cached_dense_weight(), self.bias
         if weight.dtype != x.dtype:
             weight = weight.to(x.dtype)
@@ -175,11 +174,12 @@ class PermutedSparseLinear(nn.Module):
                 self.weight_mask._version, self.weight_mask.data_ptr())
 
     def _cached_dense_weight(self) -> torch.Tensor:
-        """The unpacked weight for the dense path, kept between calls (unpacking every call costs more
-        than the matmul at decode sizes). Rebuilt when the stored tensors change."""
-        key = self._weight_key()
+        """The dense weight in the original column order (the permutation folded into it), kept between calls
+        (unpacking every call costs more than the matmul at decode sizes). Rebuilt when the stored tensors
+        or the permutation change."""
+        key = (*self._weight_key(), self.input_perm._version, self.input_perm.data_ptr())
         if self._dense is None or self._dense[0] != key:
-            self._dense = (key, self.permuted_dense_weight())
+            self._dense = (key, self.dense_weight().contiguous())
         return self._dense[1]
 
     def _cuda_weight(self):

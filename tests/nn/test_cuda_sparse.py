@@ -313,18 +313,29 @@ def test_gpu_unsupported_layer_falls_back_to_dense_and_logs_why(dtype, shape, ca
 
 
 def test_module_builds_the_compressed_weight_only_for_calls_that_use_the_kernel(monkeypatch):
-    """Below its threshold a layer runs the cached dense masked weight and never compresses (decode holds no
-    compressed copy); from it on, the kernel path gets the compressed weight. Checked on CPU tensors."""
+    """Below its threshold (or with another dtype) a layer stays on the dense path and never compresses, so
+    decode holds no compressed copy; from the threshold on, the kernel path gets the compressed weight."""
     from optimum_permllm.nn import PermutedSparseLinear
 
     layer = PermutedSparseLinear.from_linear(torch.nn.Linear(32, 16), perm=torch.randperm(32))
-    built, served = [], []
+    built = []
     monkeypatch.setattr(cuda_sparse, "min_tokens_for", lambda out_features, in_features: 8)
     monkeypatch.setattr(layer, "_cuda_weight", lambda: built.append(True) or layer.permuted_dense_weight())
-    monkeypatch.setattr(SemiStructuredMatmul, "apply", lambda x, w, fn, b: served.append(x.shape) or F.linear(x, w, b))
-    for tokens in (1, 7, 8):
-        x = torch.randn(tokens, 32)
-        permuted = layer.permute_input(x)
-        y = layer._cuda_forward(permuted)
-        torch.testing.assert_close(y, F.linear(x, layer.dense_weight(), layer.bias), rtol=0, atol=1e-6)
-    assert built == [True] and served == [(8, 32)]
+    assert not layer._uses_kernel(torch.randn(7, 32)) and built == []
+    assert not layer._uses_kernel(torch.randn(8, 32).double()) and built == []
+    assert layer._uses_kernel(torch.randn(2, 4, 32)) and built == [True]
+
+
+def test_dense_path_folds_the_permutation_into_its_cached_weight_and_follows_a_new_one():
+    """The dense path is one matmul on the unpermuted input; an in-place change of input_perm (as
+    load_state_dict makes) rebuilds the cached weight."""
+    from optimum_permllm.nn import PermutedSparseLinear
+
+    g = torch.Generator().manual_seed(4)
+    layer = PermutedSparseLinear.from_linear(torch.nn.Linear(32, 16), perm=torch.randperm(32, generator=g))
+    x = torch.randn(5, 32, generator=g, dtype=torch.float64)
+    layer = layer.double()
+    for perm in (layer.input_perm.clone(), torch.randperm(32, generator=g)):
+        layer.input_perm.copy_(perm)
+        reference = F.linear(x[:, perm], layer.permuted_dense_weight(), layer.bias)
+        torch.testing.assert_close(layer(x), reference, rtol=1e-12, atol=1e-12)
