@@ -23,7 +23,8 @@ from .capture import CalibrationCache, capture
 from .distributed import map_across_ranks
 from .offload import check_offload, execution_device, offload_hooks, on_device
 from .plan import PruningPlan
-from .planning import GroupPlan, learn_group_permutation, plan_group
+from .joint_training import JointResult, dense_targets, learn_jointly
+from .planning import GroupPlan, plan_group
 from .preflight import check_finite_inputs, warn_few_tokens
 from .statistics import collect_statistics
 from .structure import attention_heads, find_decoder_layers, layer_linears, set_submodule
@@ -36,12 +37,17 @@ LayerCallback = Callable[[int, dict], None]
 @torch.no_grad()
 def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, plan: PruningPlan, progress: bool = True,
                        callback: LayerCallback | None = None, device=None, batch_size: int = 1) -> list[str]:
-    """Prune every decoder linear of `model` in place; returns the qualified names of converted layers."""
+    """Prune every decoder linear of `model` in place; returns the qualified names of converted layers.
+
+    With the `model` scope, the permutations of the learned layers are first trained jointly
+    (joint_training.py) once the layers before them are pruned; the layers are then pruned in order with
+    those permutations fixed."""
     prefix, layers = find_decoder_layers(model)
     check_offload(model, prefix, layers)
     model_device = execution_device(layers) or next(model.parameters()).device
     device = torch.device(device) if device is not None else model_device
     _check_samples(samples, model)
+    learned = plan.learned_layers(len(layers))
     _check_model_scope(plan, layers, device)
     warn_few_tokens(layer_linears(layers[0], plan.modules_to_not_convert), plan, samples.numel())
     heads = attention_heads(getattr(model, "config", None))
@@ -50,15 +56,22 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, plan: PruningPla
         cache = capture(model, layers, samples, batch_size, model_device)
         if device != model_device:
             cache = cache.to(device)
+        targets = dense_targets(layers, cache) if plan.joint and len(learned) else None
+        joint: JointResult | None = None
         bar = tqdm(range(len(layers)), desc="permllm: pruning layers", disable=not progress, unit="layer")
         for index in bar:
             start = time.perf_counter()
+            if targets is not None and index == learned.start:
+                joint = learn_jointly(model, layers, index, cache, targets, samples, plan, prefix, progress)
+                targets = None
             layer = layers[index]
+            layer_plan, fixed = _layer_plan(plan, index, learned, joint)
             with on_device(layer, device):  # an accelerate-offloaded layer is loaded, then written back
-                names, info = _sparsify_layer(layer, index, cache, plan, f"{prefix}.{index}",
-                                              layers[index + 1:], heads)
+                names, info = _sparsify_layer(layer, index, cache, layer_plan, f"{prefix}.{index}", heads, fixed)
                 cache.hidden = [cache.call_for(index, h).run(layer, h) for h in cache.hidden]
             converted += names
+            if joint is not None and index == learned.start:
+                info["joint"] = joint.info
             info["seconds"] = time.perf_counter() - start
             bar.set_postfix_str(_postfix(info))
             logger.info("layer %d: %s", index, _summary(info))
@@ -67,23 +80,40 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, plan: PruningPla
     return converted
 
 
+def _layer_plan(plan: PruningPlan, index: int, learned: range, joint: JointResult | None):
+    """The plan of one decoder layer and the permutations fixed for its groups (or None): layers that do not
+    learn, and every layer when the joint training kept the heuristic start, take the heuristic permutation."""
+    if plan.permutation != "learned":
+        return plan, None
+    if index not in learned:
+        return plan.heuristic(), None
+    if not plan.joint:
+        return plan, None
+    if joint is None or joint.perms is None:
+        return plan.heuristic(), None
+    return plan, joint.perms[index]
+
+
 @torch.no_grad()
 def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, plan: PruningPlan,
-                    qualified: str, later_layers=(), heads=None) -> tuple[list[str], dict]:
-    """Prune one decoder layer in place; returns the converted names and what was decided per group."""
+                    qualified: str, heads=None, fixed: dict | None = None) -> tuple[list[str], dict]:
+    """Prune one decoder layer in place; returns the converted names and what was decided per group.
+    `fixed` {group (linear names): permutation} prunes those groups in a permutation chosen beforehand."""
     linears = layer_linears(layer, plan.modules_to_not_convert, layer_name=qualified)
     for name, linear in linears.items():
         plan.pattern.check_width(linear.in_features, f"{qualified}.{name}.in_features")
     stats, groups = collect_statistics(layer, index, cache, linears, plan.needs_gram)
     check_finite_inputs({name: s.sum_squares for name, s in stats.items()}, qualified)
-    learn = _learner(plan, layer, index, cache, later_layers)
     head_shaped = _head_shaped_groups(layer, heads, groups, plan)
+    if fixed is not None and set(fixed) != set(map(tuple, groups)):
+        raise RuntimeError(f"{qualified}: the jointly learned permutations are for the groups {sorted(fixed)}, but "
+                           f"the layer's groups are {sorted(map(tuple, groups))}.")
 
     def plan_one(group):  # groups are independent, so under torch.distributed each rank plans a share
         weights = {name: linears[name].weight for name in group}
-        group_learn = None if learn is None else (lambda w, s, p: learn(group, w, s, p))
         group_heads = heads[:2] if group[0] in head_shaped else None
-        return plan_group(weights, stats[group[0]], plan, learn=group_learn, heads=group_heads)
+        perm = fixed[tuple(group)] if fixed is not None else None
+        return plan_group(weights, stats[group[0]], plan, heads=group_heads, perm=perm)
 
     decided = dict(zip(map(tuple, groups), map_across_ranks(plan_one, groups)))
     _warn_unconverged(qualified, decided)
@@ -129,20 +159,6 @@ def _replace_group(layer, linears, group, group_plan: GroupPlan, plan: PruningPl
         set_submodule(layer, name, sparse)
 
 
-def _learner(plan: PruningPlan, layer: nn.Module, index: int, cache: CalibrationCache, later_layers=()):
-    """The learned-permutation step `learn(group, weights, stats, init_perm)`, in the planned scope."""
-    if plan.permutation != "learned":
-        return None
-
-    def learn(group, weights, stats, init_perm):
-        from .scopes import scope_loss_fn
-
-        loss_fn = scope_loss_fn(plan.learning.scope, layer, index, cache, group, later_layers=later_layers)
-        return learn_group_permutation(weights, stats, init_perm, plan, loss_fn)
-
-    return learn
-
-
 def _postfix(info: dict) -> str:
     """Progress-bar text: seconds per layer and, for learned permutations, the summed loss before -> after."""
     text = f"{info['seconds']:.1f}s/layer"
@@ -162,9 +178,9 @@ def _summary(info: dict) -> str:
 
 
 def _check_model_scope(plan: PruningPlan, layers, device: torch.device) -> None:
-    """The `model` scope runs every later decoder layer with its own weights at each learning step, so all of
+    """The `model` scope runs every learned decoder layer with its own weights at each learning step, so all of
     them must be loaded on the pruning device: refuse offloaded layers or layers elsewhere, before any change."""
-    if plan.permutation != "learned" or plan.learning.scope != "model":
+    if not plan.joint:
         return
     placed = {p.device for layer in layers for p in layer.parameters()}
     offloaded = any(offload_hooks(layer) for layer in layers)
@@ -173,7 +189,7 @@ def _check_model_scope(plan: PruningPlan, layers, device: torch.device) -> None:
     if offloaded or elsewhere:
         where = ", ".join(sorted(map(str, placed))) + (" (offloaded)" if offloaded else "")
         raise ValueError(
-            f"scope='model' runs all later decoder layers at every learning step, so the whole model must be loaded "
+            f"scope='model' runs all learned decoder layers at every learning step, so the whole model must be loaded "
             f"on the pruning device ({device}); its layers are on {where}. Load the model on that device without "
             "offloading, or use scope='layer', which needs one layer at a time."
         )

@@ -6,10 +6,9 @@ layer, the pruned weight and mask in permuted column order come out.
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -40,59 +39,64 @@ class GroupPlan:
 
 
 def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics, plan: PruningPlan,
-               learn=None, heads: tuple[int, int] | None = None) -> GroupPlan:
-    """Choose the group's permutation, then prune every member in that order.
+               heads: tuple[int, int] | None = None, perm: torch.Tensor | None = None) -> GroupPlan:
+    """Choose the group's permutation (the learned one: the `layer` scope's, from the heuristic), then prune
+    every member in that order.
 
-    `learn(weights, stats, init_perm) -> (perm, info)` runs the learned permutation when asked for
-    (default: `learn_group_permutation` on the exact `layer` objective).
     `heads` (num_heads, num_kv_heads) restricts the heuristic permutation of an attention output to
     moves inside each head, so that it can be folded into the value projection.
+    `perm`, when given, is the permutation to prune in (chosen beforehand: the `model` scope's joint training).
     """
     n, m = plan.pattern.n, plan.pattern.m
-    metric = plan.permutation_metric
     info: dict = {}
     timed = _PartTimer(info, next(iter(weights.values())).device)
     with timed("gram_inverse"):
-        norms = _score_norms(stats, plan)
+        norms = score_norms(stats, plan)
     dense = {name: w.detach().float() for name, w in weights.items()}
-    scores = torch.cat([score_fn(metric)(w, norms) for w in dense.values()])
+    scores = torch.cat([score_fn(plan.permutation_metric)(w, norms) for w in dense.values()])
     width = scores.shape[1]
     info["identity_score"] = retained_score(scores, identity_permutation(width), n, m)
-    perm = identity_permutation(width, scores.device)
-    if plan.permutation in ("heuristic", "learned"):
-        groups = width // m
+    if perm is not None:
+        perm = perm.to(scores.device)
+    elif plan.permutation in ("heuristic", "learned"):
         with timed("permutation"):
-            if heads is not None:
-                perm = head_shared_permutation(scores, *heads, n, m)
-            else:
-                perm = heuristic_permutation(scores, n, m, max_groups_per_lsa=LSA_BLOCK if groups > 4 * LSA_BLOCK else None)
+            perm = heuristic_group_permutation(scores, plan, heads)
         info["heuristic_score"] = retained_score(scores, perm, n, m)
-    if plan.permutation == "learned":
-        learn = learn or (lambda w, s, p: learn_group_permutation(w, s, p, plan))
-        with timed("learned_permutation"):
-            perm, learned_info = learn(list(dense.values()), stats, perm)
-        info.update(learned_info)
+        if plan.permutation == "learned":
+            with timed("learned_permutation"):
+                perm, learned_info = learn_group_permutation(list(dense.values()), stats, perm, plan, norms=norms)
+            info.update(learned_info)
+    else:
+        perm = identity_permutation(width, scores.device)
     pruned, masks = _prune_members(weights, dense, scores, stats, perm, plan, info, timed)
     return GroupPlan(perm=perm, weights=pruned, masks=masks, info=info)
 
 
-def learn_group_permutation(weights, stats, init_perm: torch.Tensor, plan: PruningPlan, loss_fn=None):
-    """Learn one group's permutation from `init_perm` with the plan's learner, metric and budget;
-    `loss_fn` None is the exact `layer` objective. Returns (perm, {"init_loss", "learned_loss"})."""
-    from ..algorithms.learned_permutation import learn_permutation
+def heuristic_group_permutation(scores: torch.Tensor, plan: PruningPlan, heads: tuple[int, int] | None = None):
+    """The heuristic permutation of a group's concatenated `scores` (inside heads when `heads` is given)."""
+    n, m = plan.pattern.n, plan.pattern.m
+    if heads is not None:
+        return head_shared_permutation(scores, *heads, n, m)
+    groups = scores.shape[1] // m
+    return heuristic_permutation(scores, n, m, max_groups_per_lsa=LSA_BLOCK if groups > 4 * LSA_BLOCK else None)
+
+
+def learn_group_permutation(weights, stats, init_perm: torch.Tensor, plan: PruningPlan, loss_fn=None, norms=None):
+    """Learn one group's permutation from `init_perm` with the plan's learning settings (the `layer` scope's
+    learner), metric and budget; `loss_fn` None is the exact `layer` objective, `norms` the score's per-input
+    factor (computed from `stats` when not given). Returns (perm, {"init_loss", "learned_loss"})."""
+    from ..algorithms.learned import block_size_for, learn_permutation
 
     learning = plan.learning
-    block = block_size_for(weights[0].shape[1], learning.block_size, plan.pattern.m)
-    kwargs = {"steps": learning.steps} if learning.steps is not None else {}
+    settings = replace(learning, block_size=block_size_for(weights[0].shape[1], learning.block_size, plan.pattern.m))
+    norms = score_norms(stats, plan) if norms is None else norms
     with torch.enable_grad():  # the pruning pass runs under no_grad; learning needs gradients
-        result = learn_permutation(weights, stats.gram(), _score_norms(stats, plan), plan.pattern.n, plan.pattern.m,
-                                   metric=plan.permutation_metric, method=learning.learner,
-                                   init_perm=init_perm, block_size=block, lr=learning.lr, seed=learning.seed,
-                                   loss_fn=loss_fn, **kwargs)
+        result = learn_permutation(weights, stats.gram(), norms, plan.pattern.n, plan.pattern.m, settings,
+                                   metric=plan.permutation_metric, init_perm=init_perm, loss_fn=loss_fn)
     return result.perm, {"init_loss": result.init_loss, "learned_loss": result.best_loss}
 
 
-def _score_norms(stats: InputStatistics, plan: PruningPlan) -> torch.Tensor | None:
+def score_norms(stats: InputStatistics, plan: PruningPlan) -> torch.Tensor | None:
     """The per-input factor of the scores that choose the permutation: none for magnitude, the OBS weights
     for lsq (whose refit is the compensation they assume; on the plan's damp, as SparseGPT's), the feature
     norms ||x_j|| otherwise."""
@@ -181,13 +185,3 @@ def _record_refit(info: dict, name: str, fits) -> None:
     info.setdefault("refit", {})[name] = [
         {"iterations_max": int(fit.iterations.max()), "iterations_mean": round(float(fit.iterations.float().mean()), 2),
          "unconverged_rows": int((~fit.converged).sum())} for fit in fits]
-
-
-def block_size_for(width: int, requested: int, m: int) -> int:
-    """The largest block size <= requested that divides `width` and is a multiple of M (at least M)."""
-    size = min(requested, width)
-    while size >= m:
-        if width % size == 0 and size % m == 0:
-            return size
-        size -= 1
-    return math.gcd(width, m)

@@ -14,7 +14,8 @@ from optimum_permllm.algorithms.sparsegpt import sparsegpt_prune
 from optimum_permllm.algorithms.statistics import InputStatistics
 from optimum_permllm.pipeline.capture import capture
 from optimum_permllm.pipeline.layerwise import sparsify_layerwise
-from optimum_permllm.pipeline.planning import block_size_for, plan_group
+from optimum_permllm.algorithms.learned import block_size_for
+from optimum_permllm.pipeline.planning import plan_group
 from optimum_permllm.pipeline.statistics import collect_statistics
 from optimum_permllm.pipeline.structure import StructureError, find_decoder_layers, layer_linears
 from optimum_permllm.sparse import check_nm, identity_permutation, nm_mask
@@ -338,7 +339,7 @@ def test_pruning_builds_no_autograd_graph():
 def test_learned_permutation_is_scored_like_the_heuristic_and_the_final_masks(metric, monkeypatch):
     """One metric scores every step that chooses a permutation: the heuristic start, the learned step and
     the masks kept in the end (SparseGPT, which has no score of its own, is permuted by Wanda)."""
-    import optimum_permllm.algorithms.learned_permutation as learned
+    import optimum_permllm.algorithms.learned as learned
     import optimum_permllm.pipeline.planning as planning
 
     used = {"heuristic": [], "learned": []}
