@@ -26,6 +26,7 @@ from ..algorithms.learned.optimisation import BestTracker, make_optimizer, tempe
 from ..algorithms.scores import score_fn
 from .capture import CalibrationCache, capture
 from .distributed import all_reduce_sum_, rank_and_world
+from .offload import on_device
 from .joint_forward import JointPermutations, LearnedGroup, SparseStack
 from .plan import PruningPlan
 from .planning import heuristic_group_permutation, score_norms
@@ -46,21 +47,43 @@ class JointResult:
 
 
 @torch.no_grad()
-def dense_targets(layers: nn.ModuleList, cache: CalibrationCache) -> torch.Tensor:
-    """The dense model's last hidden states on every cached window, [windows, tokens, hidden] (computed before
-    any layer is pruned: the training target)."""
+def prepare_training(model: nn.Module, layers: nn.ModuleList, samples: torch.Tensor, cache: CalibrationCache,
+                     plan: PruningPlan, model_device, device) -> torch.Tensor:
+    """Before any layer is pruned: record how every layer is called at the batch sizes the training runs (attention
+    masks and position embeddings depend on the batch shape; one short forward of the model per size), and return
+    the dense model's last hidden states on every cached window, [windows, tokens, hidden] (the training target).
+    Each layer runs on `device` (loaded there if offloaded or elsewhere), one at a time."""
+    for size in sorted(call_sizes(plan, samples.shape[0]) - {size for _, size in cache.calls}):
+        calls = capture(model, layers, samples[:size], size, model_device)
+        cache.calls.update(calls.to(device).calls)
     hidden = list(cache.hidden)
     for index, layer in enumerate(layers):
-        hidden = [cache.call_for(index, h).run(layer, h) for h in hidden]
+        with on_device(layer, device):
+            hidden = [cache.call_for(index, h).run(layer, h) for h in hidden]
     return torch.cat(hidden)
 
 
-def learn_jointly(model: nn.Module, layers: nn.ModuleList, first: int, cache: CalibrationCache,
-                  targets: torch.Tensor, samples: torch.Tensor, plan: PruningPlan, prefix: str,
-                  progress: bool = True) -> JointResult:
+def call_sizes(plan: PruningPlan, count: int) -> set[int]:
+    """The numbers of windows this rank runs at once, out of `count` calibration windows: its micro-batches of a
+    training batch and of the held-out windows."""
+    settings = plan.learning
+    train, heldout = split_windows(count, settings.heldout_share)
+    batch = list(range(min(settings.batch_size, len(train))))
+    return {len(chunk) for windows in (batch, heldout) for chunk in rank_chunks(windows, settings.micro_batch)}
+
+
+def rank_chunks(windows: list[int], micro: int) -> list[list[int]]:
+    """This rank's share of `windows` (round robin over ranks), in micro-batches of at most `micro`."""
+    rank, world = rank_and_world()
+    mine = windows[rank::world]
+    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
+
+
+def learn_jointly(layers: nn.ModuleList, first: int, cache: CalibrationCache, targets: torch.Tensor,
+                  plan: PruningPlan, prefix: str, progress: bool = True) -> JointResult:
     """Learn the permutations of layers `first..` together. `cache` holds the inputs of layer `first` (the
-    layers before it already pruned), `targets` the dense last hidden states of the same windows, `samples`
-    their token ids (to record how layers are called at other batch sizes)."""
+    layers before it already pruned) and the calls recorded by `prepare_training`, `targets` the dense last
+    hidden states of the same windows. The layers `first..` must be on the device of `cache`."""
     settings = plan.learning.resolved(plan.permutation_metric)
     groups = prepare_groups(layers, first, cache, plan, prefix)
     stack = SparseStack(layers[first:], first, groups, plan.pattern, plan.permutation_metric, settings.checkpointing)
@@ -68,10 +91,10 @@ def learn_jointly(model: nn.Module, layers: nn.ModuleList, first: int, cache: Ca
     device = inputs.device
     perms = JointPermutations(groups, settings, torch.Generator().manual_seed(settings.seed)).to(device)
     train, heldout = split_windows(inputs.shape[0], settings.heldout_share)
-    run = _Runner(stack, inputs, targets, _CallTable(model, layers, samples, cache, first), settings.micro_batch)
+    run = _Runner(stack, inputs, targets, cache.calls, range(first, len(layers)), settings.micro_batch)
     optimizer, schedule = make_optimizer(perms.blocks, settings.optimizer, settings.lr, settings.weight_decay,
                                          settings.steps)
-    batches = _batches(train, min(settings.batch_size, len(train)), settings.steps, settings.seed)
+    batches = _batches(train, min(settings.batch_size, len(train)), settings.seed)
     every = max(1, math.ceil(settings.steps / settings.evaluations))
     tracker, train_losses, step_seconds = BestTracker(), [], []
     slots = perms.hard_slots()
@@ -149,7 +172,7 @@ def split_windows(count: int, heldout_share: float) -> tuple[list[int], list[int
     return train, (list(range(count - held, count)) if held else train)
 
 
-def _batches(train: list[int], size: int, steps: int, seed: int):
+def _batches(train: list[int], size: int, seed: int):
     """An endless stream of batches of `size` training windows: each pass over them in a new seeded order."""
     generator = torch.Generator().manual_seed(seed)
     pending: list[int] = []
@@ -163,24 +186,21 @@ def _batches(train: list[int], size: int, steps: int, seed: int):
 class _Runner:
     """Forward passes of the sparse stack over windows, split over ranks and micro-batches."""
 
-    def __init__(self, stack: SparseStack, inputs: torch.Tensor, targets: torch.Tensor, calls: _CallTable, micro: int):
-        self.stack, self.inputs, self.targets, self.calls, self.micro = stack, inputs, targets, calls, micro
-
-    def _chunks(self, windows: list[int]):
-        """This rank's share of `windows`, in micro-batches."""
-        rank, world = rank_and_world()
-        mine = windows[rank::world]
-        return [mine[i:i + self.micro] for i in range(0, len(mine), self.micro)]
+    def __init__(self, stack: SparseStack, inputs: torch.Tensor, targets: torch.Tensor, calls: dict, layers: range,
+                 micro: int):
+        self.stack, self.inputs, self.targets, self.micro = stack, inputs, targets, micro
+        self.calls, self.layers = calls, layers
 
     def _losses(self, chunk: list[int], blocks) -> torch.Tensor:
-        out = self.stack(self.inputs[chunk], blocks, self.calls(len(chunk)))
+        calls = {index: self.calls[(index, len(chunk))] for index in self.layers}
+        out = self.stack(self.inputs[chunk], blocks, calls)
         return cosine_loss(out, self.targets[chunk])
 
     @torch.no_grad()
     def evaluate(self, blocks, windows: list[int]) -> float:
         """The mean loss over `windows` (all ranks together)."""
         total = torch.zeros((), dtype=torch.float64, device=self.inputs.device)
-        for chunk in self._chunks(windows):
+        for chunk in rank_chunks(windows, self.micro):
             total += self._losses(chunk, blocks).double().sum()
         all_reduce_sum_([total])
         return float(total) / len(windows)
@@ -191,7 +211,7 @@ class _Runner:
             blocks = perms.forward_blocks(slots, tau)
             leaves = [b.detach().requires_grad_(True) for b in blocks]  # micro-batches accumulate here
             total = torch.zeros((), dtype=torch.float64, device=self.inputs.device)
-            for chunk in self._chunks(batch):
+            for chunk in rank_chunks(batch, self.micro):
                 loss = self._losses(chunk, leaves).sum() / len(batch)
                 loss.backward()
                 total += loss.detach().double()
@@ -205,20 +225,6 @@ class _Runner:
         all_reduce_sum_([p.grad for p in parameters] + [total])
         optimizer.step()
         return float(total)
-
-
-class _CallTable:
-    """How every learned layer is called for a batch of k windows (recorded once per new k with one short forward
-    of the model: attention masks and position embeddings depend on the batch shape)."""
-
-    def __init__(self, model, layers, samples, cache: CalibrationCache, first: int):
-        self.model, self.layers, self.samples, self.cache, self.first = model, layers, samples, cache, first
-
-    def __call__(self, size: int) -> dict[int, object]:
-        if (self.first, size) not in self.cache.calls:
-            device = self.cache.hidden[0].device
-            self.cache.calls.update(capture(self.model, self.layers, self.samples[:size], size, device).calls)
-        return {index: self.cache.calls[(index, size)] for index in range(self.first, len(self.layers))}
 
 
 def _announce(first, count, groups, train, heldout, start, progress) -> None:

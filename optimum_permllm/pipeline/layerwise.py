@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from ..nn.permuted_sparse_linear import PermutedSparseLinear
 from .capture import CalibrationCache, capture
 from .distributed import map_across_ranks
-from .offload import check_offload, execution_device, offload_hooks, on_device
+from .offload import check_offload, execution_device, on_device, on_device_together
 from .plan import PruningPlan
-from .joint_training import JointResult, dense_targets, learn_jointly
+from .joint_training import JointResult, learn_jointly, prepare_training
 from .planning import GroupPlan, plan_group
 from .preflight import check_finite_inputs, warn_few_tokens
 from .statistics import collect_statistics
@@ -40,15 +40,14 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, plan: PruningPla
     """Prune every decoder linear of `model` in place; returns the qualified names of converted layers.
 
     With the `model` scope, the permutations of the learned layers are first trained jointly
-    (joint_training.py) once the layers before them are pruned; the layers are then pruned in order with
-    those permutations fixed."""
+    (joint_training.py) once the layers before them are pruned, with all the learned layers held on `device`;
+    the layers are then pruned in order with those permutations fixed."""
     prefix, layers = find_decoder_layers(model)
     check_offload(model, prefix, layers)
     model_device = execution_device(layers) or next(model.parameters()).device
     device = torch.device(device) if device is not None else model_device
     _check_samples(samples, model)
     learned = plan.learned_layers(len(layers))
-    _check_model_scope(plan, layers, device)
     warn_few_tokens(layer_linears(layers[0], plan.modules_to_not_convert), plan, samples.numel())
     heads = attention_heads(getattr(model, "config", None))
     converted: list[str] = []
@@ -56,13 +55,16 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, plan: PruningPla
         cache = capture(model, layers, samples, batch_size, model_device)
         if device != model_device:
             cache = cache.to(device)
-        targets = dense_targets(layers, cache) if plan.joint and len(learned) else None
+        targets = None
+        if plan.joint and len(learned):
+            targets = prepare_training(model, layers, samples, cache, plan, model_device, device)
         joint: JointResult | None = None
         bar = tqdm(range(len(layers)), desc="permllm: pruning layers", disable=not progress, unit="layer")
         for index in bar:
             start = time.perf_counter()
             if targets is not None and index == learned.start:
-                joint = learn_jointly(model, layers, index, cache, targets, samples, plan, prefix, progress)
+                with on_device_together(layers[index:], device):  # the learned layers run at every step
+                    joint = learn_jointly(layers, index, cache, targets, plan, prefix, progress)
                 targets = None
             layer = layers[index]
             layer_plan, fixed = _layer_plan(plan, index, learned, joint)
@@ -175,24 +177,6 @@ def _summary(info: dict) -> str:
         text = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if isinstance(v, float))
         parts.append(f"{group}[{text}]")
     return "; ".join(parts) + f" ({info.get('seconds', 0):.1f}s)"
-
-
-def _check_model_scope(plan: PruningPlan, layers, device: torch.device) -> None:
-    """The `model` scope runs every learned decoder layer with its own weights at each learning step, so all of
-    them must be loaded on the pruning device: refuse offloaded layers or layers elsewhere, before any change."""
-    if not plan.joint:
-        return
-    placed = {p.device for layer in layers for p in layer.parameters()}
-    offloaded = any(offload_hooks(layer) for layer in layers)
-    elsewhere = [d for d in placed if d.type != device.type
-                 or (None not in (d.index, device.index) and d.index != device.index)]  # "cuda" is "cuda:0"
-    if offloaded or elsewhere:
-        where = ", ".join(sorted(map(str, placed))) + (" (offloaded)" if offloaded else "")
-        raise ValueError(
-            f"scope='model' runs all learned decoder layers at every learning step, so the whole model must be loaded "
-            f"on the pruning device ({device}); its layers are on {where}. Load the model on that device without "
-            "offloading, or use scope='layer', which needs one layer at a time."
-        )
 
 
 def _check_samples(samples: torch.Tensor, model: nn.Module) -> None:

@@ -15,7 +15,7 @@ from optimum_permllm.algorithms.learned import cosine_loss
 from optimum_permllm.algorithms.scores import wanda_scores
 from optimum_permllm.pipeline.capture import capture
 from optimum_permllm.pipeline.joint_forward import JointPermutations, SparseStack
-from optimum_permllm.pipeline.joint_training import dense_targets, prepare_groups, split_windows
+from optimum_permllm.pipeline.joint_training import prepare_groups, prepare_training, split_windows
 from optimum_permllm.pipeline.layerwise import sparsify_layerwise
 from optimum_permllm.pipeline.structure import find_decoder_layers
 from optimum_permllm.sparse import check_nm, nm_mask
@@ -75,7 +75,7 @@ def _setup(model, ids, first=0):
     _, layers = find_decoder_layers(model)
     cache = capture(model, layers, ids, batch_size=1, device="cpu")
     model._calls = cache.calls
-    targets = dense_targets(layers, cache)
+    targets = prepare_training(model, layers, ids, cache, _plan(), "cpu", "cpu")
     with torch.no_grad():
         for index in range(first):
             cache.hidden = [cache.call_for(index, h).run(layers[index], h) for h in cache.hidden]
