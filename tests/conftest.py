@@ -51,6 +51,15 @@ def family(request):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensor ops on a shared 2-core machine run up to 30x faster on one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_llama():
     return tiny_model("llama")
 

@@ -23,13 +23,7 @@ from optimum_permllm.sparse.nm import check_nm, nm_mask
 from optimum_permllm.sparse.permutation import check_permutation
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensor ops on a shared 2-core machine run up to 30x faster on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_group(channels=32, outs=(16, 8), seed=0, heavy=2, rank=None):
