@@ -78,8 +78,8 @@ def _setup(model, ids, first=0):
     return layers, cache, targets, groups
 
 
-def test_sparse_forward_is_the_model_with_masked_weights_and_trains_only_the_blocks():
-    model = tiny_model("llama", layers=2)
+def test_sparse_forward_is_the_model_with_masked_weights_and_trains_only_the_blocks(family):
+    model = tiny_model(family, layers=2)
     ids = _ids(batch=3)
     layers, cache, targets, groups = _setup(model, ids)
     settings = _plan().learning.resolved("wanda")
@@ -126,12 +126,14 @@ def _blind_heuristic_model(layers=2, blind=0):
     return model
 
 
-def test_joint_loss_falls_below_the_heuristic_start_where_the_heuristic_is_blind():
+# measured best / start: 0.856 (Sinkhorn, straight-through), 0.914 (OT, through the soft assignment)
+@pytest.mark.parametrize("learner, ratio", [("sinkhorn", 0.9), ("ot", 0.95)])
+def test_joint_loss_falls_below_the_heuristic_start_where_the_heuristic_is_blind(learner, ratio):
     model = _blind_heuristic_model()
     dense = copy.deepcopy(model)
     ids = _ids(batch=12, length=16)
-    info = _prune(model, _plan(steps=24, learned_layers=None, batch_size=4, micro_batch=4), ids)
-    assert info["best_step"] > 0 and info["best_loss"] < 0.9 * info["start_loss"]
+    info = _prune(model, _plan(steps=24, learned_layers=None, batch_size=4, micro_batch=4, learner=learner), ids)
+    assert info["best_step"] > 0 and info["best_loss"] < ratio * info["start_loss"]
     assert info["best_loss"] == min(info["heldout_history"]) and info["heldout_history"][0] == info["start_loss"]
     # the reported losses are the held-out losses of those permutations, computed without the learner
     layers, cache, targets, groups = _setup(dense, ids)
