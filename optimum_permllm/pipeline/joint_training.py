@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..algorithms.learned import block_size_for, cosine_loss
+from ..algorithms.learned import block_size_for, cosine_loss, feature_scale
 from ..algorithms.learned.optimisation import BestTracker, make_optimizer, temperature
 from ..algorithms.scores import score_fn
 from .capture import CalibrationCache, capture
@@ -91,7 +91,8 @@ def learn_jointly(layers: nn.ModuleList, first: int, cache: CalibrationCache, ta
     device = inputs.device
     perms = JointPermutations(groups, settings, torch.Generator().manual_seed(settings.seed)).to(device)
     train, heldout = split_windows(inputs.shape[0], settings.heldout_share)
-    run = _Runner(stack, inputs, targets, cache.calls, range(first, len(layers)), settings.micro_batch)
+    scale = feature_scale(targets) if settings.standardise else None
+    run = _Runner(stack, inputs, targets, scale, cache.calls, range(first, len(layers)), settings.micro_batch)
     optimizer, schedule = make_optimizer(perms.blocks, settings.optimizer, settings.lr, settings.weight_decay,
                                          settings.steps)
     batches = _batches(train, min(settings.batch_size, len(train)), settings.seed)
@@ -186,15 +187,15 @@ def _batches(train: list[int], size: int, seed: int):
 class _Runner:
     """Forward passes of the sparse stack over windows, split over ranks and micro-batches."""
 
-    def __init__(self, stack: SparseStack, inputs: torch.Tensor, targets: torch.Tensor, calls: dict, layers: range,
-                 micro: int):
-        self.stack, self.inputs, self.targets, self.micro = stack, inputs, targets, micro
+    def __init__(self, stack: SparseStack, inputs: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | None,
+                 calls: dict, layers: range, micro: int):
+        self.stack, self.inputs, self.targets, self.scale, self.micro = stack, inputs, targets, scale, micro
         self.calls, self.layers = calls, layers
 
     def _losses(self, chunk: list[int], blocks) -> torch.Tensor:
         calls = {index: self.calls[(index, len(chunk))] for index in self.layers}
         out = self.stack(self.inputs[chunk], blocks, calls)
-        return cosine_loss(out, self.targets[chunk])
+        return cosine_loss(out, self.targets[chunk], self.scale)
 
     @torch.no_grad()
     def evaluate(self, blocks, windows: list[int]) -> float:

@@ -65,6 +65,7 @@ class LearningSettings:
     heldout_share: float = 0.125  # `model` scope: share of the windows kept out of training to pick the best
     evaluations: int = 8  # `model` scope: held-out evaluations over a run, after the one of the start
     checkpointing: bool = True  # `model` scope: recompute each decoder layer in the backward pass
+    standardise: bool = False  # `model` scope: divide every feature by its dense RMS before the cosine
 
     def __post_init__(self):
         _check_choice("learner", self.learner, LEARNERS)
