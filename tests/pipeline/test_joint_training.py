@@ -32,7 +32,9 @@ def _ids(batch=8, length=16, seed=0):
 
 
 def _plan(**learning):
-    """The `model` scope with small blocks (the tiny widths are 64 and 128) and the given learning settings."""
+    """The `model` scope with small blocks (the tiny widths are 64 and 128) and the given learning settings. Tests
+    of what is shipped need the learning to move off the heuristic start in a few steps, which it does on these
+    tiny models with the plain cosine (standardise=False), so they pass it."""
     plan = PermLLMConfig(permutation="learned", scope="model", block_size=32,
                          steps=learning.pop("steps", 4), learned_layers=learning.pop("learned_layers", None)).to_plan()
     return replace(plan, learning=replace(plan.learning, **learning))
@@ -150,7 +152,7 @@ def test_shipped_model_keeps_nm_bijections_and_its_dense_masked_reference():
     model = tiny_model("llama", layers=2)
     reference = copy.deepcopy(model)
     heuristic = copy.deepcopy(model)
-    plan = replace(_plan(steps=10, micro_batch=3), fold_permutations=False)
+    plan = replace(_plan(steps=10, micro_batch=3, standardise=False), fold_permutations=False)
     info = _prune(model, plan)
     _prune(heuristic, replace(plan.heuristic(), fold_permutations=False))
     assert info["best_step"] > 0  # learned permutations were shipped, not the heuristic fallback
@@ -192,7 +194,7 @@ def test_partial_variant_learns_only_its_layers_and_never_runs_the_earlier_ones_
         model = _blind_heuristic_model(layers=3, blind=2)
         calls = []
         handle = model.model.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
-        info = _prune(model, _plan(steps=steps, learned_layers=1))
+        info = _prune(model, _plan(steps=steps, learned_layers=1, standardise=False))
         handle.remove()
         runs[steps] = (model, info, len(calls))
     model, info, _ = runs[12]
