@@ -1,25 +1,28 @@
-"""Registers quant_method="permllm" with transformers when transformers needs it, without `import optimum_permllm`.
+"""Run code just after a module is imported, without importing it: how permllm registers with transformers.
 
-`optimum_permllm-autoload.pth`, installed next to this module in site-packages, imports it when Python
-starts. Until transformers imports its quantizer registry (`transformers.quantizers`) it only watches
-imports; then it imports optimum_permllm, which registers itself. Standard library only, and nothing here
-may break Python's start: a broken optimum_permllm gives a warning, a missing one is ignored.
+`optimum_permllm-autoload.pth` (put in site-packages by an install) makes Python, at every start, put a small
+finder first on `sys.meta_path` that imports nothing; when transformers imports its quantizer registry
+(`transformers.quantizers`) it calls `registering_spec` here, which imports optimum_permllm just after the
+registry is loaded (optimum_permllm registers itself). So a permllm checkpoint loads with transformers alone,
+and a process that never imports transformers pays one string comparison per import.
+`import optimum_permllm` registers through `when_imported` too, so a clone without the .pth registers once the package
+is imported.
+Standard library only, and nothing here may break an import of transformers: a broken optimum_permllm gives a
+warning, a missing one is ignored.
 """
 
 import sys
 
-_REGISTRY = "transformers.quantizers"
 _watched: dict[str, list] = {}  # module name -> callbacks to run once that module has been imported
 
 
 def when_imported(name: str, callback) -> None:
-    """Call `callback(module)` now if module `name` is imported, otherwise just after its import finishes."""
+    """Call `callback(module)` now if module `name` is imported (or under way: called from its import, after its
+    code ran), otherwise just after its import finishes."""
     module = sys.modules.get(name)
-    if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
+    if module is not None:
         callback(module)
         return
-    if module is not None:  # being imported higher up the stack: too late to watch, and not yet usable
-        raise ImportError(f"{name} is still being imported; cannot run {callback!r} after it")
     callbacks = _watched.setdefault(name, [])
     if callback not in callbacks:
         callbacks.append(callback)
@@ -27,18 +30,21 @@ def when_imported(name: str, callback) -> None:
         sys.meta_path.insert(0, _finder)
 
 
+def registering_spec(name: str, path=None, target=None):
+    """The spec of `name` (transformers.quantizers) from the other finders, set to import optimum_permllm once
+    the module has run; None when no finder has it."""
+    return _spec_with_callbacks(name, path, target, [_register_permllm])
+
+
 def install() -> None:
-    """Register permllm with transformers as soon as transformers imports its quantizer registry (idempotent)."""
-    when_imported(_REGISTRY, _register_permllm)
+    """What the .pth of an earlier install calls at Python's start (an editable install keeps the .pth it copied
+    until `pip install -e .` runs again, while this module comes from the source tree): the same registration."""
+    when_imported("transformers.quantizers", _register_permllm)
 
 
 def _register_permllm(_registry) -> None:
-    if "optimum_permllm" in sys.modules:  # imported (or being imported) by the user: it registers itself
-        return
     try:
-        import optimum_permllm
-
-        optimum_permllm.load()  # idempotent; needed where the import defers it (a process named like a command)
+        import optimum_permllm  # noqa: F401  (registers itself with the registry that has just been imported)
     except ModuleNotFoundError as error:
         if error.name != "optimum_permllm":  # optimum_permllm is there but one of its dependencies is not
             _warn(error)
@@ -62,23 +68,23 @@ class _Finder:
         callbacks = _watched.pop(name, None)  # popped first: a finder asked below may import `name` itself
         if callbacks is None:
             return None
-        spec = _spec_from_the_other_finders(name, path, target)
+        spec = _spec_with_callbacks(name, path, target, callbacks)
         if spec is None:  # not importable (yet): keep watching
             _watched[name] = callbacks
             return None
-        if hasattr(spec.loader, "exec_module"):
-            spec.loader = _Loader(spec.loader, callbacks)
         if not _watched:
             sys.meta_path.remove(_finder)
         return spec
 
 
-def _spec_from_the_other_finders(name, path, target):
-    """The spec the import system would use without this module's finder."""
-    for finder in sys.meta_path:
+def _spec_with_callbacks(name, path, target, callbacks):
+    """The spec the import system would use without this module's finder, its loader set to run `callbacks`."""
+    for finder in list(sys.meta_path):  # a copy: a finder asked may remove itself
         if finder is not _finder and hasattr(finder, "find_spec"):
             spec = finder.find_spec(name, path, target)
             if spec is not None:
+                if hasattr(spec.loader, "exec_module"):
+                    spec.loader = _Loader(spec.loader, callbacks)
                 return spec
     return None
 

@@ -7,7 +7,7 @@ RMSNorm followed by the layer, unfused (Hugging Face eager norm, dense layer) ve
 norm feeding the 2:4 layer. Then sweeps 1..8192 tokens per shape and prints the dispatch table: for each
 weight shape, the smallest token count from which the kernel beats dense at that count and every larger
 one, as the dict to paste into `optimum_permllm.nn.cuda_sparse.MIN_TOKENS_BY_SHAPE` (None: the kernel never
-won, the shape stays dense) and the value for `DEFAULT_MIN_TOKENS` (the largest of them). Also reports
+won, the shape stays dense) and `KERNEL_MIN_MACS`, the call size from which unlisted shapes use it. Also reports
 weight memory, and where the 2:4 module is slower than the dense layer.
 
     python benchmarks/bench_linear.py                      # on a CUDA GPU (benchmarks/gpu_check.sh runs it)
@@ -31,7 +31,7 @@ from optimum_permllm.kernels import permuted_norm
 from optimum_permllm.kernels.permuted_norm import norm_reference
 from optimum_permllm.nn import PermutedSparseLinear
 from optimum_permllm.nn.cuda_sparse import (
-    DEFAULT_MIN_TOKENS,
+    KERNEL_MIN_MACS,
     MIN_TOKENS_BY_SHAPE,
     compress_weight,
     semi_structured_support,
@@ -190,22 +190,29 @@ def first_lasting_win(tokens: list[int], ratios: list[float]) -> int | None:
     return None
 
 
-def dispatch_lines(by_shape: dict, shapes) -> list[str]:
+def dispatch_lines(by_shape: dict, shapes, largest_tokens: int) -> list[str]:
     """The dispatch table as Python to paste into optimum_permllm/nn/cuda_sparse.py, with what it means."""
     labels = {(out_f, in_f): label for in_f, out_f, label in shapes}
     entries = [f"    ({out_f}, {in_f}): {threshold},  # {labels[(out_f, in_f)]}"
                for (out_f, in_f), threshold in by_shape.items()]
-    measured = [t for t in by_shape.values() if t is not None]
-    default = max(measured) if measured else None
     return [
         "Paste into optimum_permllm/nn/cuda_sparse.py (keys: weight shape (out_features, in_features); value:",
-        "the token count from which the 2:4 kernel is used; None: that shape always stays on the dense path):\n",
+        "the token count from which the 2:4 kernel is used; None: that shape always stays on the dense path;",
+        "KERNEL_MIN_MACS: the multiply-adds per call above every measured loss and at every measured win):\n",
         "```python", "MIN_TOKENS_BY_SHAPE = {", *entries, "}",
-        f"DEFAULT_MIN_TOKENS = {default if default is not None else DEFAULT_MIN_TOKENS}"
-        + ("  # the largest threshold measured" if default is not None else "  # unchanged: the kernel never won"),
+        f"KERNEL_MIN_MACS = {kernel_min_macs(by_shape, largest_tokens):.2g}",
         "```",
-        f"\n(in use now: DEFAULT_MIN_TOKENS = {DEFAULT_MIN_TOKENS}, MIN_TOKENS_BY_SHAPE = {MIN_TOKENS_BY_SHAPE})",
+        f"\n(in use now: KERNEL_MIN_MACS = {KERNEL_MIN_MACS:.2g}, MIN_TOKENS_BY_SHAPE = {MIN_TOKENS_BY_SHAPE})",
     ]
+
+
+def kernel_min_macs(by_shape: dict, largest_tokens: int) -> float:
+    """The smallest tokens x out x in, rounded up to two digits, at or above every shape's winning threshold and
+    above every shape that never won at the largest count swept (unlisted shapes use the kernel from there)."""
+    bounds = [(largest_tokens + 1 if t is None else t) * out_f * in_f for (out_f, in_f), t in by_shape.items()]
+    bound = max(bounds)
+    scale = 10 ** (len(str(int(bound))) - 2)
+    return float(-(-bound // scale) * scale)
 
 
 def memory_rows(args) -> tuple[list[str], list[list[str]]]:
@@ -301,7 +308,7 @@ def main(argv=None) -> None:
     print("\n## Weight memory per layer\n")
     print(markdown_table(*memory_rows(args)))
     if args.no_sweep:
-        print(f"\nThreshold sweep skipped (--no-sweep); DEFAULT_MIN_TOKENS = {DEFAULT_MIN_TOKENS}")
+        print(f"\nThreshold sweep skipped (--no-sweep); KERNEL_MIN_MACS = {KERNEL_MIN_MACS:.2g}")
         return
     headers, rows, by_shape = sweep_thresholds(args)
     print("\n## Threshold sweep: dense time / 2:4 time (input already permuted)\n")
@@ -310,7 +317,7 @@ def main(argv=None) -> None:
               "about a GPU; they only exercise the sweep.\n")
     print(markdown_table(headers, rows))
     print("\n## Dispatch table\n")
-    print("\n".join(dispatch_lines(by_shape, args.shapes)))
+    print("\n".join(dispatch_lines(by_shape, args.shapes, args.sweep_tokens[-1])))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ Sources of Gram matrices, stated in every row:
   use for `--tokens` calibration tokens; weights are Gaussian. Rows are subsampled to `--rows` (every
   part but the matrix factorisations is linear in the rows); times are scaled back to the full rows.
 
+`--wide-model` also prunes, through the public API, a randomly initialised Qwen2-shaped model wider than both
+real models (hidden 896, MLP 4864, 14 heads on 2 KV heads, the shapes of a 0.5B model, `--wide-layers` decoder
+layers, SmolLM2's tokenizer and vocabulary) with SparseGPT + heuristic and lsq + heuristic on `--num-samples`
+x `--seq-len` tokens of the offline text, and prints both prune times (its accuracy means nothing).
+
 The 7B projection adds, per decoder layer, the two forward passes the pipeline runs over the calibration
 tokens (statistics, then the pruned outputs), timed on one LLaMA-7B-shaped layer and scaled to 128 x 2048
 tokens, to the sum of the four groups' planning times.
@@ -22,6 +27,7 @@ tokens, to the sum of the four groups' planning times.
     python benchmarks/bench_lsq_cost.py                                   # SmolLM2 middle layer + synthetic shapes
     python benchmarks/bench_lsq_cost.py --model gemma-3-270m --synthetic  # a second real model only
     python benchmarks/bench_lsq_cost.py --real --synthetic llama7b --rows 512 --device cuda
+    python benchmarks/bench_lsq_cost.py --wide-model --num-samples 32          # whole prunes of a wider model
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ TOKENS_7B = 128 * 2048
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.wide_model:
+        print(json.dumps(wide_model_prunes(args)), flush=True)
+        return
     rows = []
     if args.real or not args.synthetic:
         rows += [_run_group(*group, args) for group in real_groups(args)]
@@ -66,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="calibration tokens the synthetic damping assumes (default: 128 x 2048 for llama7b, "
                              "32 x 512 for wide)")
     parser.add_argument("--rows", type=int, default=0, help="rows kept per synthetic linear (0: all; fewer: scaled up)")
+    parser.add_argument("--wide-model", action="store_true", help="whole prunes of a random wide Qwen2 (see above)")
+    parser.add_argument("--wide-layers", type=int, default=4)
     parser.add_argument("--sparsity", default="2:4")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
@@ -147,6 +158,31 @@ def _stats_to(stats, device: str):
     stats.sum_squares = stats.sum_squares.to(device)
     stats.gram_sum = stats.gram_sum.to(device)
     return stats
+
+
+def wide_model_prunes(args) -> dict:
+    """Prune seconds of SparseGPT + heuristic and lsq + heuristic on a random wide Qwen2 (public API)."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from optimum_permllm import PermLLMConfig, PermLLMSparsifier
+    from optimum_permllm.data.assets import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(None))
+    config = Qwen2Config(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
+                         num_hidden_layers=args.wide_layers, vocab_size=len(tokenizer), tie_word_embeddings=True)
+    row = {"model": f"random Qwen2, hidden 896, MLP 4864, {args.wide_layers} layers",
+           "calibration": f"{args.num_samples} x {args.seq_len}", "threads": torch.get_num_threads(), "seconds": {}}
+    for metric in ("sparsegpt", "lsq"):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config).eval()
+        sparsifier = PermLLMSparsifier(PermLLMConfig(sparsity=args.sparsity, metric=metric, permutation="heuristic",
+                                                     num_samples=args.num_samples, seq_len=args.seq_len))
+        start = time.perf_counter()
+        sparsifier.sparsify_model(model, tokenizer, progress=False)
+        row["seconds"][metric] = round(time.perf_counter() - start, 1)
+    row["seconds_per_layer"] = {k: round(v / args.wide_layers, 1) for k, v in row["seconds"].items()}
+    row["lsq_over_sparsegpt"] = round(row["seconds"]["lsq"] / row["seconds"]["sparsegpt"], 2)
+    return row
 
 
 def _run_group(source: str, names, weights: dict, stats, row_scale: float, args) -> dict:

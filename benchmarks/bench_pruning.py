@@ -46,8 +46,9 @@ def parse_method(method: str) -> dict:
     return kwargs
 
 
-def run_one(args) -> dict:
-    """Prune and evaluate one method in this process; returns its row."""
+def run_one(args, prune=None) -> dict:
+    """Prune and evaluate one method in this process; returns its row. `prune(model, tokenizer, config)` prunes
+    the model in place (default: `PermLLMSparsifier(config).sparsify_model`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,7 +71,9 @@ def run_one(args) -> dict:
         config = PermLLMConfig(sparsity=args.sparsity, num_samples=args.num_samples, seq_len=args.seq_len,
                                dataset=args.dataset, steps=args.steps, seed=args.seed, learned_layers=args.learned_layers,
                                modules_to_not_convert=args.keep_dense, **parse_method(args.one))
-        if config.permutation == "learned" and config.scope == "model":
+        if prune is not None:
+            prune(model, tokenizer, config)
+        elif config.permutation == "learned" and config.scope == "model":
             row.update(prune_joint(model, tokenizer, config, args.joint_batch, args.joint_loss))
         else:
             PermLLMSparsifier(config).sparsify_model(model, tokenizer, progress=False)
@@ -125,7 +128,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The options of the driver and of one method's run (`--one METHOD`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["dense", "magnitude", "wanda", "wanda+cp", "ria", "ria+cp",
                                                           "sparsegpt", "sparsegpt+cp"])
@@ -150,7 +154,11 @@ def main(argv=None):
     parser.add_argument("--zero-shot-limit", type=int, default=0, help="rows per zero-shot task (0: skip)")
     parser.add_argument("--jsonl", default=None, help="append each row to this file")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args)), flush=True)
         return

@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import optimum_permllm  # noqa: F401  (registers quant_method="permllm" with transformers)
-from optimum_permllm import hub
+from optimum_permllm.integrations import hub
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,16 +2,12 @@
 
 Importing the package registers quant_method="permllm" with transformers (and LoRA support with PEFT), so that
 `AutoModelForCausalLM.from_pretrained(..., quantization_config=PermLLMConfig(...))` prunes on load and
-permllm checkpoints load back as sparse models.
-
-The commands (`permllm`, `optimum-cli permllm`, `python -m optimum_permllm.<module>`) import the package
-too; for them the torch / transformers imports and the registration wait until the command has parsed
-its arguments (`load()`), so that `--help` answers at once. Any public name loads them on first use.
+permllm checkpoints load back as sparse models. The registration happens when transformers imports its
+quantizer registry (now, if it has), and PEFT's when PEFT imports its LoRA module: until then nothing heavy is
+imported, so the commands' --help answers at once. The public names load torch and transformers on first use.
 """
 
 import importlib
-import sys
-from pathlib import Path
 
 try:
     from _optimum_permllm_autoload import when_imported  # standard library only
@@ -33,46 +29,31 @@ __all__ = [
     "sparsity_report",
 ]
 
-_COMMAND_SCRIPTS = ("permllm", "optimum-cli")
 
-
-def load() -> None:
-    """Import the public API and register permllm with transformers and PEFT (idempotent)."""
+def _load_public_api() -> None:
+    """Import the public classes and functions into the package namespace."""
     from .config import PermLLMConfig
-    from .integrations.transformers import register as register_transformers
     from .nn import PermutedSparseLinear
     from .sparsifier import PermLLMSparsifier, sparsity_report
 
     globals().update(PermLLMConfig=PermLLMConfig, PermLLMSparsifier=PermLLMSparsifier,
                      PermutedSparseLinear=PermutedSparseLinear, sparsity_report=sparsity_report)
-    # The one deliberate side effect: transformers learns quant_method="permllm" and PEFT learns to put
-    # LoRA on PermutedSparseLinear (PEFT has no registry for that, so its factory is wrapped). PEFT is not
-    # imported for it: its LoRA module is wrapped when something imports it (now, if it already has).
-    register_transformers()
-    when_imported("peft.tuners.lora.model", _register_peft)
-
-
-def _register_peft(_lora_model) -> None:
-    from .integrations.peft import register
-
-    register()
 
 
 def __getattr__(name: str):
     if name in __all__:
-        load()
+        _load_public_api()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _started_by_a_command() -> bool:
-    """True while one of the package's commands starts up: it calls load() itself after parsing."""
-    script = sys.argv[0] if sys.argv else ""
-    if script == "-m":  # python -m <module> is importing the module's packages: which module?
-        args = sys.orig_argv
-        return "-m" in args[:-1] and args[args.index("-m") + 1].startswith(f"{__name__}.")
-    return Path(script).stem in _COMMAND_SCRIPTS  # stem: permllm.exe on Windows
+def _register_with(library: str):
+    """The callback that imports `integrations/<library>.py`, whose import registers permllm with `library`."""
+    return lambda _module: importlib.import_module(f"{__name__}.integrations.{library}")
 
 
-if not _started_by_a_command():
-    load()
+# The one deliberate side effect: transformers learns quant_method="permllm" and PEFT learns to put LoRA on
+# PermutedSparseLinear (PEFT has no registry for that, so its factory is wrapped), each once that library has
+# loaded the module that the registration changes (now, if it already has).
+when_imported("transformers.quantizers", _register_with("transformers"))
+when_imported("peft.tuners.lora.model", _register_with("peft"))

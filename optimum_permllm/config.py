@@ -32,7 +32,7 @@ def _check_scope(scope: Any, pruned: bool) -> None:
         return
     if scope == "block":
         raise ValueError("PermLLMConfig: scope='block' was removed: learned on the decoder layer's output it did not "
-                         "beat the heuristic permutation on held-out text (BENCHMARKS.md, \"Block scope\"). Use "
+                         "beat the heuristic permutation on held-out text (research/FINDINGS.md). Use "
                          "scope='layer' (the default) or 'model'.")
     _check_choice("scope", scope, SCOPES)
 
@@ -82,7 +82,7 @@ class PermLLMConfig(QuantizationConfigMixin):
         fold_permutations: True folds input permutations into the layer (or norm) that produces the input
             wherever that is exact, without changing which permutation is chosen; "all" also chooses the
             attention output's heuristic permutation inside heads (shared by GQA query heads) so that it
-            folds into v_proj and no layer gathers at run time, at some accuracy cost (BENCHMARKS.md);
+            folds into v_proj and no layer gathers at run time, at some accuracy cost (research/FINDINGS.md);
             False keeps every permutation as a run-time gather.
 
     Written by the library when it prunes (saved with the checkpoint): `converted_modules`, the sparse
@@ -197,8 +197,8 @@ class PermLLMConfig(QuantizationConfigMixin):
 
     @property
     def needs_calibration(self) -> bool:
-        """True when pruning needs activations from calibration text."""
-        return self.metric != "magnitude" or self.permutation != "none"
+        """True when pruning needs activations from calibration text (`PruningPlan.needs_calibration`)."""
+        return self.to_plan().needs_calibration
 
     def to_plan(self) -> PruningPlan:
         """The settings the pruning pipeline reads, resolved once into a frozen dataclass."""

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.quantizers.auto import AutoHfQuantizer
 
 from .config import PermLLMConfig
 from .nn.permuted_norm import PermutedOutputNorm
 from .nn.permuted_sparse_linear import PermutedSparseLinear
+from .pipeline.layerwise import sparsify_layerwise
 from .pipeline.offload import align_hooks, execution_device, on_device
 from .pipeline.preflight import check_device, check_finite_weights, warn_block_sizes
 from .pipeline.rollback import restored_on_error
@@ -58,18 +58,8 @@ class PermLLMSparsifier:
         check_finite_weights(linears)
         warn_block_sizes(linears, plan)
         with restored_on_error(model):
-            if config.needs_calibration:
-                from .pipeline.layerwise import sparsify_layerwise
-
-                tokenizer = self._resolve_tokenizer(model, tokenizer)
-                from .data.calibration import get_calibration_data
-
-                samples = get_calibration_data(config.dataset, tokenizer, config.num_samples, config.seq_len,
-                                               config.seed)
-                converted = sparsify_layerwise(model, samples, plan, progress=progress, callback=callback,
-                                               device=device)
-            else:
-                converted = self._magnitude_prune(model)
+            samples = self._calibration_samples(model, tokenizer) if plan.needs_calibration else None
+            converted = sparsify_layerwise(model, samples, plan, progress=progress, callback=callback, device=device)
         config.converted_modules = sorted(converted)
         config.permuted_norms = _reader_names(model)
         if hasattr(model, "config"):
@@ -77,19 +67,13 @@ class PermLLMSparsifier:
         _mark_sparse(model, config)
         return model
 
-    def _magnitude_prune(self, model: nn.Module) -> list[str]:
-        """Data-free path: keep the largest |w| of every N:M group, no permutation."""
-        pattern = self.config.pattern
-        linears = prunable_linears(model, self.config.modules_to_not_convert)
-        for name, linear in linears.items():
-            pattern.check_width(linear.in_features, f"{name}.in_features")
-        for name, linear in linears.items():
-            set_submodule(model, name, PermutedSparseLinear.from_linear(linear, pattern.n, pattern.m))
-        logger.info("Pruned %d linear layers to %s by magnitude.", len(linears), pattern)
-        return list(linears)
+    def _calibration_samples(self, model: nn.Module, tokenizer: Any) -> torch.Tensor:
+        """The config's calibration text as token ids [num_samples, seq_len], with the given tokenizer, the
+        config's, or the model's own (loaded from the model's path)."""
+        from .data.calibration import get_calibration_data
 
-    def _resolve_tokenizer(self, model: nn.Module, tokenizer: Any):
-        tokenizer = tokenizer if tokenizer is not None else self.config.tokenizer
+        config = self.config
+        tokenizer = tokenizer if tokenizer is not None else config.tokenizer
         if tokenizer is None:
             tokenizer = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
         if isinstance(tokenizer, str) and tokenizer:
@@ -98,10 +82,10 @@ class PermLLMSparsifier:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         if tokenizer is None or isinstance(tokenizer, str):
             raise ValueError(
-                f"metric={self.config.metric!r} / permutation={self.config.permutation!r} need calibration text and a "
+                f"metric={config.metric!r} / permutation={config.permutation!r} need calibration text and a "
                 "tokenizer: pass tokenizer=... to PermLLMConfig or to sparsify_model."
             )
-        return tokenizer
+        return get_calibration_data(config.dataset, tokenizer, config.num_samples, config.seq_len, config.seed)
 
     # ------------------------------------------------------------------ loading
     def convert_model(self, model: nn.Module, module_names: list[str], norm_names: list[str] = ()) -> nn.Module:
@@ -219,7 +203,10 @@ def _mark_sparse(model: nn.Module, config: PermLLMConfig) -> None:
     model.is_quantized = True
     model.quantization_method = "permllm"
     if hasattr(model, "config") and not hasattr(model, "hf_quantizer"):
-        # the quantizer registered for quant_method="permllm" (integrations/transformers.py, on import)
+        # imported here, not at the top: importing transformers' quantizer registry runs permllm's registration
+        # (optimum_permllm/__init__.py), whose quantizer module imports this one
+        from transformers.quantizers.auto import AutoHfQuantizer
+
         model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=True)
 
 

@@ -5,7 +5,7 @@ For SmolLM2's attention and MLP output projections (they add into the residual s
 of the heuristic's error in the 4 highest-energy rows (the massive residual dimensions), and three error
 measures for the heuristic and the learned permutation: plain (the `layer` objective), weighted by the
 squared gain of the norm that next reads the residual (what the next layer sees), and the mean per-row
-relative error. Example (the figures in BENCHMARKS.md):
+relative error. Example (the figures in research/FINDINGS.md):
 
     OMP_NUM_THREADS=1 python research/bench_error_rows.py --layers 3 15 27 --num-samples 16
 """

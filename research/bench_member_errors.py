@@ -4,7 +4,7 @@ For each group that several linears read, prints each member's share of the grou
 and its relative 2:4 output error under the heuristic and the learned permutation (the library's
 `learn_permutation` default, with the chosen metric). It shows what the `layer` objective favours: with
 a ratio of summed errors (an earlier form of the objective) the member with the largest outputs dominated, and the
-learned permutation could trade v_proj's error for q_proj's. Example (the figures in BENCHMARKS.md):
+learned permutation could trade v_proj's error for q_proj's. Example (the figures in research/FINDINGS.md):
 
     OMP_NUM_THREADS=1 python research/bench_member_errors.py --layers 3 15 27 --metric ria wanda
 

@@ -2,7 +2,7 @@
 
 A cosine or squared-error objective on a decoder layer's output is dominated by those dimensions; this
 prints, for every few decoder layers, the share of the mean squared hidden state held by the top-k
-dimensions. Example (the figure in BENCHMARKS.md):
+dimensions. Example (the figure in research/FINDINGS.md):
 
     python research/bench_residual_energy.py --samples 2 --seq-len 256 --top 4
 """

@@ -62,9 +62,9 @@ def calibration_and_heldout_groups(model_source, layers, num_samples, seed, seq_
     SmolLM2-135M): calibration windows drawn with `seed`, held-out windows from the evaluation text."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optimum_permllm.data.assets import smollm2_model_dir
+    from optimum_permllm.data.assets import resolve_model
 
-    source = model_source or str(smollm2_model_dir())
+    source = resolve_model(model_source)
     tok = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     cal = layer_groups(model, get_calibration_data(None, tok, num_samples, seq_len, seed=seed), set(layers))

@@ -3,7 +3,7 @@
 `research/per_linear_headroom.py` measured, per layer group, that one heuristic permutation per linear
 lowers q/k/v's held-out output error by 6-8% on top of the Gram mask. This script measures what that is
 worth for the whole model: it runs `benchmarks/bench_pruning.py`'s one-method path in this process with
-the pipeline's groups split, so that every linear named in `--split` is planned as a group of its own
+the plan's `own_permutation` set, so that every linear named in `--split` is planned as a group of its own
 (its own heuristic or learned permutation on its own scores; the others keep sharing one). The split
 linears keep distinct permutations, so the fold into the norm is skipped and each gathers its input at
 run time: the perplexity is what a folded per-linear structure would give, the speed is not.
@@ -18,8 +18,7 @@ the shared-permutation rows of the same seeds.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -29,34 +28,24 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_pruning  # noqa: E402
 
-from optimum_permllm.pipeline import layerwise  # noqa: E402
-from optimum_permllm.pipeline.statistics import collect_statistics  # noqa: E402
-from optimum_permllm.pipeline.structure import _matches  # noqa: E402
+from optimum_permllm.data.calibration import get_calibration_data  # noqa: E402
+from optimum_permllm.pipeline.layerwise import sparsify_layerwise  # noqa: E402
 
 
-def split_groups(groups: list[list[str]], own: list[str]) -> list[list[str]]:
-    """Each member whose name ends with one of `own` becomes a group of its own; the rest stay together."""
-    out = []
-    for group in groups:
-        alone = [name for name in group if _matches(name, own)]
-        rest = [name for name in group if name not in alone]
-        out += ([rest] if rest else []) + [[name] for name in alone]
-    return out
+def prune_with_own_permutations(own: list[str]):
+    """`bench_pruning.run_one`'s prune step: the config's plan with `own` planned as groups of their own."""
+
+    def prune(model, tokenizer, config) -> None:
+        plan = dataclasses.replace(config.to_plan(), own_permutation=tuple(own))
+        samples = get_calibration_data(config.dataset, tokenizer, config.num_samples, config.seq_len, config.seed)
+        sparsify_layerwise(model, samples, plan, progress=False, callback=_print_first_groups)
+
+    return prune
 
 
-def collect_split(own: list[str]):
-    """`collect_statistics` with the groups split; every new group reads its former leader's statistics."""
-
-    def collect(layer, index, cache, linears, track_gram):
-        stats, groups = collect_statistics(layer, index, cache, linears, track_gram)
-        leader = {name: group[0] for group in groups for name in group}
-        split = split_groups(groups, own)
-        stats = {group[0]: stats[leader[group[0]]] for group in split}
-        if index == 0:
-            print(f"layer 0 groups: {['+'.join(g) for g in split]}", file=sys.stderr, flush=True)
-        return stats, split
-
-    return collect
+def _print_first_groups(index: int, info: dict) -> None:
+    if index == 0:
+        print(f"layer 0 groups: {list(info['groups'])}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -65,12 +54,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", required=True)
     parser.add_argument("--jsonl", default=None)
     args, rest = parser.parse_known_args()
-    layerwise.collect_statistics = collect_split(args.split)
     for method in args.methods:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            bench_pruning.main(["--one", method] + rest)
-        row = json.loads(out.getvalue().strip().splitlines()[-1])
+        row = bench_pruning.run_one(bench_pruning.build_parser().parse_args(["--one", method] + rest),
+                                    prune=prune_with_own_permutations(args.split))
         row["method"] = f"{method}, own permutation: {' '.join(args.split)}"
         print(json.dumps(row), flush=True)
         if args.jsonl:

@@ -4,7 +4,7 @@ For every group of linears sharing an input (q/k/v, gate/up) in a few decoder la
 splitting the group's members into blocks that each share one input permutation is scored: from one
 permutation for the whole group ("q+k+v", today's structure) to one per linear ("q|k|v"), with mixes
 such as "q+k|v". Each block's permutation is the heuristic one on its members' Wanda scores |W| * feature
-norms, with the same LSA block rule as `pipeline.planning.plan_group`; each member is then pruned 2:4 in
+norms, with the same LSA block rule as `pipeline.permutations.heuristic`; each member is then pruned 2:4 in
 its block's order with Wanda's mask and with the Gram mask (mu = 0.3 by default). Scores: relative output
 error tr(D G D^T) / tr(W G W^T), mean over the members, as [calibration, held-out, held-out diagonal part]
 (`gram_mask_headroom.layer_groups` gives the two Gram matrices); "member/x" is member x's held-out error
@@ -28,7 +28,7 @@ from gram_mask_headroom import errors, gram_keeps, group_parser, paired_groups, 
 
 from optimum_permllm.algorithms.gram_mask import DEFAULT_MU  # noqa: E402
 from optimum_permllm.algorithms.heuristic_permutation import heuristic_permutation  # noqa: E402
-from optimum_permllm.pipeline.planning import LSA_BLOCK  # noqa: E402
+from optimum_permllm.pipeline.permutations import LSA_BLOCK  # noqa: E402
 
 
 def heuristic_perm(ws, norms, n, m):

@@ -52,7 +52,8 @@ def family(request):
 
 @pytest.fixture
 def one_thread():
-    """Tiny tensor ops on a shared 2-core machine run up to 30x faster on one intra-op thread."""
+    """One intra-op thread for the test, then the previous count: tiny tensor ops on a shared 2-core machine
+    run up to 30x faster on one thread, and the setting is process-wide, so it must not leak."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -101,6 +102,5 @@ def kernel_calls(monkeypatch):
 
     monkeypatch.setattr(cuda_sparse.SemiStructuredMatmul, "apply", counted_apply)
     monkeypatch.setattr(cuda_sparse, "sparse_linear", recorded)
-    monkeypatch.setattr(cuda_sparse, "MIN_TOKENS_BY_SHAPE", {})
-    monkeypatch.setattr(cuda_sparse, "DEFAULT_MIN_TOKENS", 64)
+    monkeypatch.setattr(cuda_sparse, "min_tokens_for", lambda out_features, in_features: 64)
     return calls

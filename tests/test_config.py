@@ -8,15 +8,32 @@ from optimum_permllm import PermLLMConfig
 from optimum_permllm.config import FORMAT_VERSION
 
 
+# Every field set away from its default, and the dict it must give, written out by hand: a field that
+# to_dict drops, renames or changes shows up as a difference.
+EVERY_FIELD = dict(sparsity="4:8", metric="ria", permutation="learned", learner="ot", scope="model", block_size=32,
+                   steps=10, lr=0.01, damp=0.05, dataset="wikitext", tokenizer="my/tokenizer", num_samples=16,
+                   seq_len=256, seed=3, modules_to_not_convert="o_proj", fold_permutations="all",
+                   converted_modules=["model.layers.0.mlp.up_proj"],
+                   permuted_norms={"model.layers.0.post_attention_layernorm": ["mlp.up_proj"]})
+EXPECTED_DICT = {
+    "quant_method": "permllm", "sparsity": "4:8", "metric": "ria", "permutation": "learned", "learner": "ot",
+    "scope": "model", "block_size": 32, "steps": 10, "lr": 0.01, "damp": 0.05, "dataset": "wikitext",
+    "tokenizer": "my/tokenizer", "num_samples": 16, "seq_len": 256, "seed": 3, "modules_to_not_convert": ["o_proj"],
+    "fold_permutations": "all", "format_version": 1, "converted_modules": ["model.layers.0.mlp.up_proj"],
+    "permuted_norms": {"model.layers.0.post_attention_layernorm": ["mlp.up_proj"]},
+}
+
+
+def test_to_dict_records_every_field():
+    assert FORMAT_VERSION == 1  # EXPECTED_DICT was written for format 1
+    assert PermLLMConfig(**EVERY_FIELD).to_dict() == EXPECTED_DICT
+
+
 def test_round_trip_through_dict_and_json(tmp_path):
-    config = PermLLMConfig(sparsity="4:8", metric="ria", permutation="learned", learner="ot", scope="layer",
-                           block_size=32, steps=10, lr=0.01, num_samples=16, seq_len=256, seed=3,
-                           modules_to_not_convert=["o_proj"])
-    again = PermLLMConfig.from_dict(config.to_dict())
-    assert again.to_dict() == config.to_dict()
+    config = PermLLMConfig(**EVERY_FIELD)
+    assert PermLLMConfig.from_dict(config.to_dict()).to_dict() == EXPECTED_DICT
     config.to_json_file(tmp_path / "c.json")
-    assert PermLLMConfig.from_dict(json.loads((tmp_path / "c.json").read_text())).to_dict() == config.to_dict()
-    assert config.to_dict()["quant_method"] == "permllm" and config.to_dict()["format_version"] == FORMAT_VERSION
+    assert PermLLMConfig.from_dict(json.loads((tmp_path / "c.json").read_text())).to_dict() == EXPECTED_DICT
 
 
 def test_objects_are_recorded_by_name():

@@ -15,9 +15,9 @@ LAYERS = [
     {"pipeline", "evaluation"},
     {"config"},
     {"sparsifier"},
-    {"integrations", "hub"},
-    {"demo"},
-    {"cli", "__init__"},
+    {"integrations"},
+    {"commands"},
+    {"demo", "__init__"},  # demo: `python -m optimum_permllm.demo` runs commands/demo.py
 ]
 
 

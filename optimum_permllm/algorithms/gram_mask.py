@@ -21,9 +21,8 @@ import torch
 
 from .refit import row_output_errors
 
-# mu: the held-out error of 12 SmolLM2 layer groups is lowest at 0.3 or within 0.5% of it (BENCHMARKS.md,
-# "Gram-chosen mask and permutation headroom, per layer group"). Sweeps: a budget; the descent stops
-# earlier when a sweep changes nothing.
+# mu: the weight of the diagonal with the lowest held-out error (research/FINDINGS.md). Sweeps: a budget;
+# the descent stops earlier when a sweep changes nothing.
 DEFAULT_MU = 0.3
 DEFAULT_SWEEPS = 8
 # A group's mask changes only if that lowers the row's error by more than this fraction of it (float noise).
@@ -93,15 +92,16 @@ def _sweep(w: torch.Tensor, g: torch.Tensor, keep: torch.Tensor, options: torch.
         cost = 2 * (w_g * p_rest) @ dropped.T + quadratic[:, group]  # [rows, K]
         best_cost, best = cost.min(-1)
         gain = cost.gather(1, current[:, group:group + 1]).squeeze(1) - best_cost
-        moved = (gain > scale).nonzero().squeeze(1)
-        if moved.numel() == 0:
+        moves = gain > scale
+        if not bool(moves.any()):
             continue
         changed = True
-        new = w_g[moved] * dropped[best[moved]]
-        p[moved] += (new - d_g[moved]) @ g[cols, :]
-        d[moved, cols] = new
-        keep[moved, cols] = options[best[moved]]
-        current[moved, group] = best[moved]
+        choice = torch.where(moves, best, current[:, group])
+        new = w_g * dropped[choice]
+        p += (new - d_g) @ g[cols, :]  # rows that did not move add zero: cheaper than gathering the rows that did
+        d[:, cols] = new
+        keep[:, cols] = options[choice]
+        current[:, group] = choice
     return changed
 
 

@@ -7,8 +7,8 @@ damped G (as SparseGPT damps its Hessian) so that it stays well posed and does n
 text too closely. The solver is preconditioned conjugate gradients, all rows at once, each row stopped
 once it is within `TOLERANCE` of its optimum. The preconditioner is (G^-1)_KK, the inverse of the full
 damped matrix restricted to the kept set: it is the inverse of the Schur complement of the pruned set,
-so r^T z bounds the error that further iterations can still remove, and real layers converge in 5-20
-iterations where a diagonal preconditioner needed up to 100 (research/FINDINGS.md).
+so r^T z bounds the error that further iterations can still remove, and it needs far fewer iterations
+than a diagonal preconditioner (research/FINDINGS.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""One-shot pruning metrics: the importance of every weight, as float32 [out_features, in_features].
+"""Weight scores: the importance of every weight, as float32 [out_features, in_features].
 
 Higher is more important; an N:M mask keeps the top-N scores of every group of M input columns.
-All metrics share the signature (weight, feature_norms) so callers can pick one by name.
+All scores share the signature (weight, feature_norms) so callers can pick one by name; which score each
+pruning metric ranks with is in `pipeline.metrics.METRICS`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ ScoreFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def magnitude_scores(weight: torch.Tensor, feature_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """|W_ij|; `feature_norms` is accepted and ignored so every metric has the same signature."""
+    """|W_ij|; `feature_norms` is accepted and ignored so every score has the same signature."""
     return weight.detach().float().abs()
 
 
@@ -34,28 +35,15 @@ def ria_scores(weight: torch.Tensor, feature_norms: torch.Tensor, alpha: float =
     return (w / column_sums + w / row_sums) * _checked_norms(weight, feature_norms, "ria").pow(alpha)
 
 
-_METRICS: dict[str, ScoreFn] = {"magnitude": magnitude_scores, "wanda": wanda_scores, "ria": ria_scores}
+_SCORES: dict[str, ScoreFn] = {"magnitude": magnitude_scores, "wanda": wanda_scores, "ria": ria_scores}
 
 
-def score_fn(metric: str) -> ScoreFn:
-    """The scoring function called `metric` ('magnitude', 'wanda' or 'ria')."""
+def score_fn(name: str) -> ScoreFn:
+    """The score function called `name` ('magnitude', 'wanda' or 'ria')."""
     try:
-        return _METRICS[metric.lower()]
+        return _SCORES[name.lower()]
     except (KeyError, AttributeError):
-        raise ValueError(f"Unknown pruning metric {metric!r}; valid metrics: {', '.join(sorted(_METRICS))}.") from None
-
-
-def permutation_metric(metric: str) -> str:
-    """The score that chooses channel permutations (heuristic and learned) for a pruning `metric`.
-
-    The permutation is chosen for the mask the metric will keep, so it is scored by that metric:
-    'magnitude' -> |W|, 'wanda' -> Wanda, 'ria' -> RIA. SparseGPT has no score of its own (it decides
-    masks from the Hessian while updating weights), so it is permuted by Wanda, its usual companion; the
-    Gram-chosen mask starts from Wanda's mask in the chosen permutation, so it is permuted by Wanda too.
-    'lsq' uses Wanda's score form with `obs_feature_weights` in place of the feature norms (the
-    pipeline passes them), since its refit is the full compensation that saliency assumes.
-    """
-    return "wanda" if metric in ("sparsegpt", "gram", "lsq") else metric
+        raise ValueError(f"Unknown score {name!r}; valid scores: {', '.join(sorted(_SCORES))}.") from None
 
 
 def obs_feature_weights(system: DampedGram) -> torch.Tensor:

@@ -16,6 +16,7 @@ Sources (`source=`):
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -81,15 +82,19 @@ def _hub_dataset(name: str, split: str):
     return datasets.load_dataset(path, config or None, split=split)
 
 
+def _is_hf_dataset(source) -> bool:
+    """True for a datasets.Dataset (whose owner has imported datasets: text and files need no datasets)."""
+    datasets = sys.modules.get("datasets")
+    return datasets is not None and isinstance(source, datasets.Dataset)
+
+
 def load_calibration_text(
     source=None, text_column: str = "text", max_chars: int | None = None, seed: int = 0
 ) -> str:
     """The calibration text of any supported source (see the module docstring) as one string."""
-    import datasets
-
     if source is None or (isinstance(source, str) and source.lower() == "wikipedia"):
         return wikipedia_split("calibration")
-    if isinstance(source, datasets.Dataset):
+    if _is_hf_dataset(source):
         return _join_dataset(source, text_column, max_chars, seed)
     if isinstance(source, (list, tuple)):
         if not all(isinstance(item, str) for item in source):

@@ -1,8 +1,8 @@
 """LoRA on PermutedSparseLinear for PEFT, in the manner of `peft/tuners/lora/torchao.py`.
 
-Importing this module (optimum_permllm imports it) calls `register()`, which puts `dispatch_permllm` in front of PEFT's own
-LoRA dispatchers, so `peft.get_peft_model(sparse_model, LoraConfig(target_modules=[...]))` and
-`PeftModel.from_pretrained(sparse_model, adapter_dir)` wrap sparse layers with no extra call.
+Importing this module (optimum_permllm imports it once PEFT has loaded its LoRA module) calls `register()`,
+which puts `dispatch_permllm` in front of PEFT's own LoRA dispatchers, so
+`peft.get_peft_model(sparse_model, LoraConfig(target_modules=[...]))` and `PeftModel.from_pretrained(sparse_model, adapter_dir)` wrap sparse layers with no extra call.
 (PEFT's `LoraConfig._register_custom_module` is per config object and is lost when an adapter
 config is read back from disk, so it cannot serve `PeftModel.from_pretrained`.)
 
@@ -137,3 +137,8 @@ def register() -> None:
     current = lora_model.LoraModel.__dict__["_create_new_module"].__func__
     if not getattr(current, _MARK, False):
         lora_model.LoraModel._create_new_module = staticmethod(_with_permllm_dispatch(current))
+
+
+# Registered by the import, so that an import of this module that itself loads the module the registration changes
+# (optimum_permllm/__init__.py runs the registration just after that load) still ends registered.
+register()

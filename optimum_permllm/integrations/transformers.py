@@ -1,4 +1,5 @@
-"""The transformers HfQuantizer for quant_method="permllm", registered when optimum_permllm is imported.
+"""The transformers HfQuantizer for quant_method="permllm"; registered when this module is imported
+(optimum_permllm imports it once transformers has loaded its quantizer registry).
 
 - Dense checkpoint + PermLLMConfig: the model loads densely, then is pruned (like GPTQ's integration).
 - permllm checkpoint: PermutedSparseLinear modules are put in place before the weights load, for exactly
@@ -152,3 +153,8 @@ def register() -> None:
         register_quantization_config("permllm")(PermLLMConfig)
     if "permllm" not in AUTO_QUANTIZER_MAPPING:
         register_quantizer("permllm")(PermLLMHfQuantizer)
+
+
+# Registered by the import, so that an import of this module that itself loads the module the registration changes
+# (optimum_permllm/__init__.py runs the registration just after that load) still ends registered.
+register()

@@ -5,9 +5,9 @@ one that runs on Hopper); CUTLASS serves compute capability 8.x otherwise. The c
 opaque and version-specific, so it is never serialised: layers keep the portable packed form and call
 `compress_weight` on the GPU. Inputs arrive already in the layer's permuted column order.
 
-The sparse kernel only pays off for many tokens (prefill, large batches), from a count that depends on
-the weight's shape and the card (`min_tokens_for`); `sparse_linear` sends smaller calls to a dense
-matmul with the same masked weight.
+The sparse kernel only pays off for many tokens (long prefills), from a count that depends on the weight's
+shape and the card (`min_tokens_for`); `sparse_linear` sends smaller calls to a dense matmul with the same
+masked weight, so a 2:4 model is never slower than the dense one.
 """
 
 from __future__ import annotations
@@ -23,16 +23,20 @@ from torch.sparse import (
     SparseSemiStructuredTensorCUTLASS,
 )
 
-# Token count below which the dense masked matmul is used instead of the 2:4 kernel (PyTorch reports no
-# gain for 1-32 tokens). Not measured here yet: `benchmarks/gpu_check.sh` runs `benchmarks/bench_linear.py`,
-# whose sweep prints the threshold of the GPU it ran on (BENCHMARKS.md, "GPU check").
-DEFAULT_MIN_TOKENS = 64
+# When the 2:4 kernel is used, measured by benchmarks/bench_linear.py on an NVIDIA H200 (torch 2.11 + CUDA 13.0,
+# cuSPARSELt 0.8, 2026-12-04; BENCHMARKS.md, "GPU check"). Each call through torch.sparse costs about 0.6-1.4 ms
+# whatever its size, so the kernel only beat dense for LLaMA-7B MLP shapes from 6144-8192 tokens (1.2-1.4x at
+# 8192) and never for 4096x4096 (0.42x at 8192). Weight shape (out_features, in_features) -> the token count
+# from which the kernel is used; None: never. bench_linear.py prints this table ("Dispatch table") to paste.
+MIN_TOKENS_BY_SHAPE: dict[tuple[int, int], int | None] = {
+    (4096, 4096): None,  # LLaMA-7B q/k/v/o: 0.42x at 8192 tokens
+    (11008, 4096): 6144,  # gate/up: 1.22x at 6144 tokens
+    (4096, 11008): 8192,  # down: 1.37x at 8192 tokens
+}
 
-# The same threshold per weight shape (out_features, in_features), for the shapes that sweep measured:
-# the kernel is slower than dense for some shapes on some cards (e.g. reports for the H100), and a 2:4
-# model must never be slower than the dense one. None keeps that shape on the dense path at every token
-# count. bench_linear.py prints this dict ("Dispatch table") to paste here; unlisted shapes use the default.
-MIN_TOKENS_BY_SHAPE: dict[tuple[int, int], int | None] = {}
+# Unlisted shapes use the kernel from this many multiply-adds per call (tokens x out x in), the size above every
+# measured loss (the fixed cost of a call only pays off on large products).
+KERNEL_MIN_MACS = 370_000_000_000  # bench_linear: (8192 + 1) x 4096 x 11008, rounded up
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -56,8 +60,11 @@ def _cuda_ready(device: torch.device) -> bool:
 
 def min_tokens_for(out_features: int, in_features: int) -> float:
     """Token count from which a layer of this weight shape uses the 2:4 kernel (inf: never)."""
-    threshold = MIN_TOKENS_BY_SHAPE.get((out_features, in_features), DEFAULT_MIN_TOKENS)
-    return math.inf if threshold is None else threshold
+    shape = (out_features, in_features)
+    if shape in MIN_TOKENS_BY_SHAPE:
+        threshold = MIN_TOKENS_BY_SHAPE[shape]
+        return math.inf if threshold is None else threshold
+    return max(1, math.ceil(KERNEL_MIN_MACS / max(out_features * in_features, 1)))
 
 
 def select_backend(device: torch.device | str) -> tuple[Backend | None, str | None]:
@@ -170,7 +177,7 @@ def pad_rows(x2d: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def sparse_linear(x: torch.Tensor, compressed: torch.Tensor, dense_weight_fn: Callable[[], torch.Tensor],
-                  bias: torch.Tensor | None, min_tokens: float = DEFAULT_MIN_TOKENS) -> torch.Tensor:
+                  bias: torch.Tensor | None, min_tokens: float) -> torch.Tensor:
     """Linear layer on permuted input: the sparse kernel for >= min_tokens tokens, else a dense matmul.
 
     `dense_weight_fn()` returns the dense permuted weight [out, in] (zeros where pruned); it serves small

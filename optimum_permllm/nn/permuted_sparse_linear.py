@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cuda_sparse
 from ..sparse.nm import NMPattern, check_nm, nm_mask, pack_nm, unpack_bits, unpack_nm
 from ..sparse.permutation import check_permutation, identity_permutation, invert_permutation, is_identity
 
@@ -143,15 +144,29 @@ class PermutedSparseLinear(nn.Module):
         return x if self.has_identity_perm() else x.index_select(-1, self.input_perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.permute_input(x)
-        if x.is_cuda:
-            compressed = self._cuda_weight()
-            if compressed is not None:
-                from .cuda_sparse import min_tokens_for, sparse_linear
+        if x.is_cuda and self._uses_kernel(x):
+            x = self.permute_input(x)
+            return cuda_sparse.sparse_linear(x, self._cuda_weight(), self.permuted_dense_weight, self.bias, 0)
+        return self._dense_call(x)
 
-                return sparse_linear(x, compressed, self.permuted_dense_weight, self.bias,
-                                     min_tokens_for(self.out_features, self.in_features))
-        return F.linear(x, self._cached_dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+    def _uses_kernel(self, x: torch.Tensor) -> bool:
+        """True for calls large enough to gain from the 2:4 kernel (`min_tokens_for`) on a layer it serves.
+        The compressed weight is built at the first such call, so decode never holds it."""
+        tokens = x.numel() // max(self.in_features, 1)
+        if tokens < cuda_sparse.min_tokens_for(self.out_features, self.in_features):
+            return False
+        same_dtype = x.dtype == self.weight.dtype and (self.bias is None or self.bias.dtype == x.dtype)
+        return same_dtype and self._cuda_weight() is not None
+
+    def _dense_call(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T + bias with the cached dense weight in the input's own column order: one matmul, no gather,
+        as cheap as the dense layer (casts only when x has another dtype)."""
+        weight, bias = self._cached_dense_weight(), self.bias
+        if weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return F.linear(x, weight, bias)
 
     def _weight_key(self) -> tuple:
         """What the derived weights depend on: the packed values and the mask (their place and version)."""
@@ -159,11 +174,12 @@ class PermutedSparseLinear(nn.Module):
                 self.weight_mask._version, self.weight_mask.data_ptr())
 
     def _cached_dense_weight(self) -> torch.Tensor:
-        """The unpacked weight for the dense path, kept between calls (unpacking every call costs more
-        than the matmul at decode sizes). Rebuilt when the stored tensors change."""
-        key = self._weight_key()
+        """The dense weight in the original column order (the permutation folded into it), kept between calls
+        (unpacking every call costs more than the matmul at decode sizes). Rebuilt when the stored tensors
+        or the permutation change."""
+        key = (*self._weight_key(), self.input_perm._version, self.input_perm.data_ptr())
         if self._dense is None or self._dense[0] != key:
-            self._dense = (key, self.permuted_dense_weight())
+            self._dense = (key, self.dense_weight().contiguous())
         return self._dense[1]
 
     def _cuda_weight(self):
@@ -172,14 +188,12 @@ class PermutedSparseLinear(nn.Module):
         key = self._weight_key()
         if self._compressed is not None and self._compressed[0] == key:
             return self._compressed[1]
-        from .cuda_sparse import compress_weight, semi_structured_support
-
-        reason = semi_structured_support((self.out_features, self.in_features), self.weight.dtype,
+        reason = cuda_sparse.semi_structured_support((self.out_features, self.in_features), self.weight.dtype,
                                          self.weight.device, self.n, self.m)
         if reason is not None:
             logger.info("PermutedSparseLinear(%d -> %d, %s) stays on the dense path: %s", self.in_features,
                         self.out_features, self.weight.dtype, reason)
-        compressed = None if reason is not None else compress_weight(self._checked_nm_weight())
+        compressed = None if reason is not None else cuda_sparse.compress_weight(self._checked_nm_weight())
         self._compressed = (key, compressed)
         return compressed
 

@@ -26,10 +26,11 @@ from ..algorithms.learned.optimisation import BestTracker, make_optimizer, tempe
 from ..algorithms.scores import score_fn
 from .capture import CalibrationCache, capture
 from .distributed import all_reduce_sum_, rank_and_world
-from .offload import on_device
 from .joint_forward import JointPermutations, LearnedGroup, SparseStack
+from .metrics import METRICS
+from .offload import on_device
+from .permutations import heuristic_order
 from .plan import PruningPlan
-from .planning import heuristic_group_permutation, score_norms
 from .preflight import check_finite_inputs
 from .statistics import collect_statistics
 from .structure import layer_linears
@@ -84,9 +85,9 @@ def learn_jointly(layers: nn.ModuleList, first: int, cache: CalibrationCache, ta
     """Learn the permutations of layers `first..` together. `cache` holds the inputs of layer `first` (the
     layers before it already pruned) and the calls recorded by `prepare_training`, `targets` the dense last
     hidden states of the same windows. The layers `first..` must be on the device of `cache`."""
-    settings = plan.learning.resolved(plan.permutation_metric)
+    settings = plan.learning.resolved(METRICS[plan.metric].score)
     groups = prepare_groups(layers, first, cache, plan, prefix)
-    stack = SparseStack(layers[first:], first, groups, plan.pattern, plan.permutation_metric, settings.checkpointing)
+    stack = SparseStack(layers[first:], first, groups, plan.pattern, METRICS[plan.metric].score, settings.checkpointing)
     inputs = torch.cat(cache.hidden)
     device = inputs.device
     perms = JointPermutations(groups, settings, torch.Generator().manual_seed(settings.seed)).to(device)
@@ -139,23 +140,23 @@ def prepare_groups(layers: nn.ModuleList, first: int, cache: CalibrationCache, p
     their heuristic permutation and score mask (the model the training starts from, calibrated layer by layer
     as Wanda is), the inputs of `first` from `cache`."""
     hidden, groups = list(cache.hidden), []
-    n, m = plan.pattern.n, plan.pattern.m
+    metric, m = METRICS[plan.metric], plan.pattern.m
     for index in range(first, len(layers)):
         layer = layers[index]
         linears = layer_linears(layer, list(plan.modules_to_not_convert), layer_name=f"{prefix}.{index}")
         for name, linear in linears.items():
             plan.pattern.check_width(linear.in_features, f"{prefix}.{index}.{name}.in_features")
         stats, found = collect_statistics(layer, index, CalibrationCache(hidden, cache.calls), linears,
-                                          track_gram=plan.metric == "lsq")
+                                          track_gram=metric.needs_gram)
         check_finite_inputs({name: s.sum_squares for name, s in stats.items()}, f"{prefix}.{index}")
         new = []
         for names in found:
-            norms = score_norms(stats[names[0]], plan)
-            scores = torch.cat([score_fn(plan.permutation_metric)(linears[name].weight, norms) for name in names])
+            norms = metric.input_weights(stats[names[0]], plan.damp)
+            scores = torch.cat([score_fn(metric.score)(linears[name].weight, norms) for name in names])
             block = block_size_for(scores.shape[1], plan.learning.block_size, m)
-            new.append(LearnedGroup(index, tuple(names), norms, heuristic_group_permutation(scores, plan), block))
+            new.append(LearnedGroup(index, tuple(names), norms, heuristic_order(scores, plan.pattern), block))
         groups += new
-        start = SparseStack([layer], index, new, plan.pattern, plan.permutation_metric, checkpointing=False)
+        start = SparseStack([layer], index, new, plan.pattern, METRICS[plan.metric].score, checkpointing=False)
         identity = [torch.eye(g.block_size, device=g.init_perm.device).expand(g.init_perm.numel() // g.block_size, -1, -1)
                     for g in new]
         hidden = [start(h, identity, {index: cache.call_for(index, h)}) for h in hidden]

@@ -21,12 +21,13 @@ from tqdm.auto import tqdm
 from ..nn.permuted_sparse_linear import PermutedSparseLinear
 from .capture import CalibrationCache, capture
 from .distributed import map_across_ranks
-from .offload import check_offload, execution_device, on_device, on_device_together
-from .plan import PruningPlan
 from .joint_training import JointResult, learn_jointly, prepare_training
+from .offload import check_offload, execution_device, on_device, on_device_together
+from .permutations import PERMUTATIONS
+from .plan import PruningPlan
 from .planning import GroupPlan, plan_group
 from .preflight import check_finite_inputs, warn_few_tokens
-from .statistics import collect_statistics
+from .statistics import collect_statistics, split_groups
 from .structure import attention_heads, find_decoder_layers, layer_linears, set_submodule
 
 logger = logging.getLogger(__name__)
@@ -35,25 +36,31 @@ LayerCallback = Callable[[int, dict], None]
 
 
 @torch.no_grad()
-def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, plan: PruningPlan, progress: bool = True,
+def sparsify_layerwise(model: nn.Module, samples: torch.Tensor | None, plan: PruningPlan, progress: bool = True,
                        callback: LayerCallback | None = None, device=None, batch_size: int = 1) -> list[str]:
-    """Prune every decoder linear of `model` in place; returns the qualified names of converted layers.
+    """Prune every decoder linear of `model` in place as `plan` says; returns the qualified names of converted layers.
+
+    `samples` are the calibration token ids [num_samples, seq_len]; None for a plan that reads no calibration
+    data (`plan.needs_calibration` False: magnitude pruning without a permutation), which prunes each linear on
+    its own weights.
 
     With the `model` scope, the permutations of the learned layers are first trained jointly
     (joint_training.py) once the layers before them are pruned, with all the learned layers held on `device`;
-    the layers are then pruned in order with those permutations fixed."""
+    the layers are then pruned in order with those permutations fixed.
+    """
     prefix, layers = find_decoder_layers(model)
     check_offload(model, prefix, layers)
     model_device = execution_device(layers) or next(model.parameters()).device
     device = torch.device(device) if device is not None else model_device
-    _check_samples(samples, model)
+    _check_samples(samples, model, plan)
     learned = plan.learned_layers(len(layers))
-    warn_few_tokens(layer_linears(layers[0], plan.modules_to_not_convert), plan, samples.numel())
+    if samples is not None:
+        warn_few_tokens(layer_linears(layers[0], plan.modules_to_not_convert), plan, samples.numel())
     heads = attention_heads(getattr(model, "config", None))
     converted: list[str] = []
     with _no_kv_cache(model):
-        cache = capture(model, layers, samples, batch_size, model_device)
-        if device != model_device:
+        cache = None if samples is None else capture(model, layers, samples, batch_size, model_device)
+        if cache is not None and device != model_device:
             cache = cache.to(device)
         targets = None
         if plan.joint and len(learned):
@@ -70,7 +77,8 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, plan: PruningPla
             layer_plan, fixed = _layer_plan(plan, index, learned, joint)
             with on_device(layer, device):  # an accelerate-offloaded layer is loaded, then written back
                 names, info = _sparsify_layer(layer, index, cache, layer_plan, f"{prefix}.{index}", heads, fixed)
-                cache.hidden = [cache.call_for(index, h).run(layer, h) for h in cache.hidden]
+                if cache is not None:
+                    cache.hidden = [cache.call_for(index, h).run(layer, h) for h in cache.hidden]
             converted += names
             if joint is not None and index == learned.start:
                 info["joint"] = joint.info
@@ -85,7 +93,7 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor, plan: PruningPla
 def _layer_plan(plan: PruningPlan, index: int, learned: range, joint: JointResult | None):
     """The plan of one decoder layer and the permutations fixed for its groups (or None): layers that do not
     learn, and every layer when the joint training kept the heuristic start, take the heuristic permutation."""
-    if plan.permutation != "learned":
+    if not plan.learns:
         return plan, None
     if index not in learned:
         return plan.heuristic(), None
@@ -97,15 +105,14 @@ def _layer_plan(plan: PruningPlan, index: int, learned: range, joint: JointResul
 
 
 @torch.no_grad()
-def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, plan: PruningPlan,
+def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache | None, plan: PruningPlan,
                     qualified: str, heads=None, fixed: dict | None = None) -> tuple[list[str], dict]:
     """Prune one decoder layer in place; returns the converted names and what was decided per group.
     `fixed` {group (linear names): permutation} prunes those groups in a permutation chosen beforehand."""
     linears = layer_linears(layer, plan.modules_to_not_convert, layer_name=qualified)
     for name, linear in linears.items():
         plan.pattern.check_width(linear.in_features, f"{qualified}.{name}.in_features")
-    stats, groups = collect_statistics(layer, index, cache, linears, plan.needs_gram)
-    check_finite_inputs({name: s.sum_squares for name, s in stats.items()}, qualified)
+    stats, groups = _groups(layer, index, cache, linears, plan, qualified)
     head_shaped = _head_shaped_groups(layer, heads, groups, plan)
     if fixed is not None and set(fixed) != set(map(tuple, groups)):
         raise RuntimeError(f"{qualified}: the jointly learned permutations are for the groups {sorted(fixed)}, but "
@@ -121,12 +128,26 @@ def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache, plan:
     _warn_unconverged(qualified, decided)
     for group, group_plan in decided.items():
         _replace_group(layer, linears, group, group_plan, plan)
-    if plan.fold_permutations:
+    if plan.fold_permutations and cache is not None:
         from .folding import fold_layer_permutations
 
         fold_layer_permutations(layer, index, cache, heads, groups, prefix=f"{qualified}.")
     info = {"groups": {"+".join(group): group_plan.info for group, group_plan in decided.items()}}
     return [f"{qualified}.{name}" for name in linears], info
+
+
+def _groups(layer: nn.Module, index: int, cache: CalibrationCache | None, linears: dict[str, nn.Linear],
+            plan: PruningPlan, qualified: str):
+    """The layer's groups of linears planned together, and each group's input statistics (by its first member):
+    the linears that read one input, split as `plan.own_permutation` says; each linear alone, without
+    statistics, when there is no calibration data."""
+    if cache is None:
+        return {name: None for name in linears}, [[name] for name in linears]
+    stats, groups = collect_statistics(layer, index, cache, linears, plan.needs_gram)
+    check_finite_inputs({name: s.sum_squares for name, s in stats.items()}, qualified)
+    if plan.own_permutation:
+        stats, groups = split_groups(stats, groups, plan.own_permutation)
+    return stats, groups
 
 
 def _warn_unconverged(qualified: str, decided: dict) -> None:
@@ -145,8 +166,9 @@ def _warn_unconverged(qualified: str, decided: dict) -> None:
 
 def _head_shaped_groups(layer: nn.Module, heads, groups, plan: PruningPlan) -> set[str]:
     """With fold_permutations="all": attention-output groups whose heuristic permutation is chosen inside
-    heads, so that it folds into v_proj (a free permutation is more accurate: BENCHMARKS.md, "Seed-to-seed spread")."""
-    if heads is None or plan.fold_permutations != "all" or plan.permutation != "heuristic" or heads[2] % plan.pattern.m:
+    heads, so that it folds into v_proj (a free permutation is more accurate: research/FINDINGS.md)."""
+    inside_heads = PERMUTATIONS[plan.permutation].inside_heads
+    if heads is None or plan.fold_permutations != "all" or not inside_heads or heads[2] % plan.pattern.m:
         return set()
     from .folding import head_fold_candidates
 
@@ -179,7 +201,13 @@ def _summary(info: dict) -> str:
     return "; ".join(parts) + f" ({info.get('seconds', 0):.1f}s)"
 
 
-def _check_samples(samples: torch.Tensor, model: nn.Module) -> None:
+def _check_samples(samples: torch.Tensor | None, model: nn.Module, plan: PruningPlan) -> None:
+    if samples is None:
+        if plan.needs_calibration:
+            raise ValueError(f"metric={plan.metric!r} with permutation={plan.permutation!r} needs calibration samples "
+                             "(a LongTensor [num_samples, seq_len]); only magnitude pruning without a permutation "
+                             "runs without them.")
+        return
     if not isinstance(samples, torch.Tensor) or samples.dim() != 2 or samples.numel() == 0:
         raise ValueError("Calibration samples must be a non-empty LongTensor [num_samples, seq_len].")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)

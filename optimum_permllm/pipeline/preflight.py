@@ -8,7 +8,7 @@ import logging
 import torch
 from torch import nn
 
-from ..algorithms.refit import FEW_TOKENS_PER_INPUT
+from .metrics import METRICS
 from .plan import PruningPlan
 from ..algorithms.learned.parametrisation import block_size_for
 
@@ -59,7 +59,7 @@ def check_finite_inputs(sum_squares: dict[str, torch.Tensor], prefix: str) -> No
 
 def warn_block_sizes(linears: dict[str, nn.Linear], plan: PruningPlan) -> None:
     """Say which layers learn their permutation with a smaller block than `block_size` (it must divide the width)."""
-    if plan.permutation != "learned":
+    if not plan.learns:
         return
     block_size = plan.learning.block_size
     used = {name: block_size_for(linear.in_features, block_size, plan.pattern.m) for name, linear in linears.items()}
@@ -73,15 +73,16 @@ def warn_block_sizes(linears: dict[str, nn.Linear], plan: PruningPlan) -> None:
 
 
 def warn_few_tokens(linears: dict[str, nn.Linear], plan: PruningPlan, tokens: int) -> None:
-    """Say when lsq refits layers wider than the calibration can support: it damps them more (the refit's
-    dampening is estimated from the data), and more calibration tokens would make them more accurate."""
-    if plan.metric != "lsq" or not linears:
+    """Say when the metric (lsq) refits layers wider than the calibration can support (`Metric.tokens_per_input`):
+    it damps them more (the refit's dampening is estimated from the data), and more calibration tokens would make
+    them more accurate."""
+    per_input = METRICS[plan.metric].tokens_per_input
+    if not per_input or not linears:
         return
     widest = max(linear.in_features for linear in linears.values())
-    if tokens < FEW_TOKENS_PER_INPUT * widest:
+    if tokens < per_input * widest:
         logger.warning(
-            "lsq refits %d kept weights per row of the widest layer (%d inputs) on only %d calibration tokens: with "
+            "%s refits %d kept weights per row of the widest layer (%d inputs) on only %d calibration tokens: with "
             "fewer than %d tokens per input the refit fits the calibration text more than the layer and gains little "
             "on other text. Calibrate on at least %d tokens (num_samples x seq_len) for its full accuracy.",
-            widest * plan.pattern.n // plan.pattern.m, widest, tokens, FEW_TOKENS_PER_INPUT,
-            FEW_TOKENS_PER_INPUT * widest)
+            plan.metric, widest * plan.pattern.n // plan.pattern.m, widest, tokens, per_input, per_input * widest)

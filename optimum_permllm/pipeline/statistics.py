@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
 from ..algorithms.statistics import InputStatistics
 from .capture import CalibrationCache
+from .structure import matches_any
 
 
 @torch.no_grad()
@@ -51,6 +54,20 @@ def collect_statistics(layer: nn.Module, layer_index: int, cache: CalibrationCac
         if leader_of[name] != name:
             groups[leader_of[name]].append(name)
     return stats, list(groups.values())
+
+
+def split_groups(stats: dict[str, InputStatistics], groups: list[list[str]],
+                 own: Sequence[str]) -> tuple[dict[str, InputStatistics], list[list[str]]]:
+    """Each member whose name matches `own` (whole dotted parts, as modules_to_not_convert) becomes a group of its
+    own, reading its former group's statistics; the other members keep sharing theirs."""
+    split_stats, split = {}, []
+    for group in groups:
+        alone = [name for name in group if matches_any(name, own)]
+        rest = [name for name in group if name not in alone]
+        for part in ([rest] if rest else []) + [[name] for name in alone]:
+            split_stats[part[0]] = stats[group[0]]
+            split.append(part)
+    return split_stats, split
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -35,7 +35,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def _matches(name: str, patterns: list[str]) -> bool:
+def matches_any(name: str, patterns: list[str]) -> bool:
     """True when a pattern is whole dotted parts of `name`: the name itself, a parent module ('model.layers.0',
     'self_attn') or the end of a name ('o_proj' skips every o_proj, 'mlp.down_proj' every down_proj)."""
     dotted = f".{name}."
@@ -46,7 +46,7 @@ def check_patterns_match(model: nn.Module, patterns: list[str]) -> None:
     """Refuse a modules_to_not_convert entry that names no module of the model (a typo would otherwise prune the
     layers it meant to keep), suggesting the module names closest to it."""
     names = [name for name, _ in model.named_modules() if name]
-    unmatched = [p for p in patterns if not any(_matches(name, [p]) for name in names)]
+    unmatched = [p for p in patterns if not any(matches_any(name, [p]) for name in names)]
     if not unmatched:
         return
     # candidates: every module name and every ending of one that does not start with a layer index
@@ -72,7 +72,7 @@ def prunable_linears(model: nn.Module, skip: list[str] | None = None, layers_pre
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.startswith(prefix + ".") and not _matches(name, skip)
+        if isinstance(module, nn.Linear) and name.startswith(prefix + ".") and not matches_any(name, skip)
     }
 
 
@@ -82,7 +82,7 @@ def layer_linears(layer: nn.Module, skip: list[str] | None = None, layer_name: s
     return {
         name: module
         for name, module in layer.named_modules()
-        if isinstance(module, nn.Linear) and not _matches(f"{layer_name}.{name}" if layer_name else name, skip)
+        if isinstance(module, nn.Linear) and not matches_any(f"{layer_name}.{name}" if layer_name else name, skip)
     }
 
 

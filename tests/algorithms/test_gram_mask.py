@@ -51,8 +51,12 @@ def test_never_worse_than_the_start_and_exactly_nm():
     keep = gram_mask(w, g, start, 2, 4, mu=0.0)
     assert (keep.view(40, 8, 4).sum(-1) == 2).all()
     before, after = output_error(w, g, start), output_error(w, g, keep)
-    assert (after <= before + 1e-5).all()
-    assert after.sum() < 0.9 * before.sum()  # correlated inputs: the exact error has room below Wanda's
+    # A row changes only on a strict improvement, so after <= before up to float32 rounding of errors near 36
+    # (an ulp is 4e-6): 1e-6 relative is several ulps. Measured: no row above its start.
+    assert (after <= before * (1 + 1e-6)).all()
+    # Correlated inputs leave the exact error room below Wanda's: measured 0.70 of it here (0.74-0.78 on
+    # seeds 0-5), so 0.8 holds with room for the seed and fails if the search stops improving.
+    assert after.sum() < 0.8 * before.sum()
 
 
 def test_close_to_the_joint_optimum_on_two_groups():
@@ -61,7 +65,9 @@ def test_close_to_the_joint_optimum_on_two_groups():
     start = nm_mask(w.abs() * torch.diagonal(g).sqrt(), 2, 4)
     got = output_error(w, g, gram_mask(w, g, start, 2, 4, mu=0.0)).sum()
     best = brute_force_best(w, g, 2, 4).sum()
-    assert best <= got <= 1.05 * best
+    # Group-by-group descent stops at a local optimum, not always the joint one: here 29 of the 30 rows reach
+    # the brute-force optimum and the sum is 0.13% above it; 1.01 allows one more row to stop short.
+    assert best <= got <= 1.01 * best
 
 
 def test_a_large_mu_gives_back_the_wanda_mask():

@@ -40,8 +40,11 @@ def test_weight_update_beats_mask_only_pruning(layer):
     magnitude = weight.masked_fill(~nm_mask(weight.abs(), 2, 4), 0)
     wanda = weight.masked_fill(~nm_mask(wanda_scores(weight, stats.feature_norms()), 2, 4), 0)
     error = _reconstruction_error(weight, pruned, inputs)
-    assert error < 0.9 * _reconstruction_error(weight, magnitude, inputs)
-    assert error < 0.9 * _reconstruction_error(weight, wanda, inputs)
+    # With an identity Hessian the update does nothing (ratio 1, the test below); on these correlated inputs it
+    # measured 0.66 of magnitude's error and 0.70 of Wanda's (0.63-0.70 on seeds 0-3): 0.8 asks for the update
+    # to remove at least a fifth of the error, with room for the seed.
+    assert error < 0.8 * _reconstruction_error(weight, magnitude, inputs)
+    assert error < 0.8 * _reconstruction_error(weight, wanda, inputs)
 
 
 def test_identity_hessian_reduces_to_magnitude_pruning():

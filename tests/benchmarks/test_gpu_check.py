@@ -67,10 +67,10 @@ def test_linear_step_times_every_variant_and_prints_a_dispatch_table_to_paste(dr
     dense_mib, packed_mib = float(memory[0][3]), float(memory[0][4])
     assert 0.5 * dense_mib < packed_mib < 0.6 * dense_mib  # kept values + bitmask + int64 permutation
     block = text[text.index("MIN_TOKENS_BY_SHAPE = {"):text.index("```", text.index("MIN_TOKENS_BY_SHAPE"))]
-    table = ast.literal_eval(block.split("=", 1)[1].split("\nDEFAULT_MIN_TOKENS")[0])
+    table = ast.literal_eval(block.split("=", 1)[1].split("\nKERNEL_MIN_MACS")[0])
     assert set(table) == {(256, 256), (688, 256), (256, 688)}  # (out_features, in_features) of the quick shapes
     assert set(table.values()) <= {1, 16, None}
-    assert re.search(r"^DEFAULT_MIN_TOKENS = \d+", block, re.MULTILINE)
+    assert re.search(r"^KERNEL_MIN_MACS = [0-9.e+]+$", block, re.MULTILINE)
     assert "CPU stand-in" in text
 
 
@@ -133,9 +133,10 @@ def test_threshold_is_the_first_count_from_which_the_kernel_keeps_winning():
 def test_dispatch_lines_are_python_for_cuda_sparse():
     module = _bench_linear()
     shapes = [(4096, 4096, "q/k/v/o"), (4096, 11008, "gate/up"), (11008, 4096, "down")]
-    lines = module.dispatch_lines({(4096, 4096): 128, (11008, 4096): None, (4096, 11008): 512}, shapes)
+    lines = module.dispatch_lines({(4096, 4096): 128, (11008, 4096): None, (4096, 11008): 512}, shapes, 8192)
     code = "\n".join(lines[lines.index("```python") + 1:lines.index("```", lines.index("```python") + 1)])
     namespace = {}
     exec(code, namespace)
     assert namespace["MIN_TOKENS_BY_SHAPE"] == {(4096, 4096): 128, (11008, 4096): None, (4096, 11008): 512}
-    assert namespace["DEFAULT_MIN_TOKENS"] == 512
+    # the never-winning shape bounds it: (8192 + 1) x 11008 x 4096 = 369,412,538,368, rounded up to 2 digits
+    assert namespace["KERNEL_MIN_MACS"] == 3.7e11

@@ -7,7 +7,8 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForCausalLM
 
-from optimum_permllm import PermutedSparseLinear, demo
+from optimum_permllm import PermutedSparseLinear
+from optimum_permllm.commands import demo
 from optimum_permllm.sparse import check_nm
 
 from .conftest import load_example

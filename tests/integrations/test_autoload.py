@@ -19,6 +19,9 @@ from .test_save_load import _ids, _sparsify_with_random_permutations
 ROOT = Path(__file__).resolve().parents[2]
 PTH = "optimum_permllm-autoload.pth"
 HOOK = "_optimum_permllm_autoload.py"
+# The .pth that installs before this one copied into site-packages (it imports the hook and calls install()).
+EARLIER_PTH = ('import sys; exec("try:\\n import _optimum_permllm_autoload\\nexcept Exception:\\n pass\\nelse:\\n'
+               ' _optimum_permllm_autoload.install()")\n')
 
 LOAD = """
 import sys
@@ -77,12 +80,45 @@ def test_lora_still_wraps_sparse_layers_when_peft_is_imported_first(tmp_path):
     assert _run(["-c", script]).stdout.split()[-1] == "PermutedSparseLoraLinear"
 
 
-def test_python_start_imports_only_the_hook(tmp_path):
-    # -S: this interpreter's own site-packages may hold the installed .pth already (pip install -e .)
+def test_python_start_imports_nothing_and_adds_one_finder_even_when_the_pth_runs_twice(tmp_path):
+    # -S: this interpreter's own site-packages may hold the installed .pth already (pip install -e .). A virtual
+    # environment of Python 3.11 processes its site-packages twice, as the second addsitedir does here.
     site = _site(tmp_path / "site", PTH, HOOK)
-    script = (f"import site, sys; before = set(sys.modules); site.addsitedir({str(site)!r})\n"
-              "print(sorted(set(sys.modules) - before))\n")
-    assert _run(["-S", "-c", script], cwd=tmp_path).stdout.strip() == "['_optimum_permllm_autoload']"
+    script = (f"import site, sys; before = set(sys.modules); site.addsitedir({str(site)!r}); "
+              f"site.addsitedir({str(site)!r}, set())\n"
+              "print(sorted(set(sys.modules) - before))\n"
+              "import json, email.message\n"  # imports other than transformers' registry leave the hook unimported
+              "print('_optimum_permllm_autoload' in sys.modules, [type(f).__name__ for f in sys.meta_path])\n")
+    lines = _run(["-S", "-c", script], cwd=tmp_path).stdout.splitlines()
+    assert lines[0] == "[]"
+    assert lines[1].startswith("False ['PermLLMAutoload', ") and lines[1].count("PermLLMAutoload") == 1
+
+
+def test_the_pth_of_an_earlier_install_still_registers(tmp_path):
+    """An editable install keeps the .pth it copied, which calls install(), while the module comes from the tree."""
+    reference = _checkpoint(tmp_path)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / PTH).write_text(EARLIER_PTH)
+    done = _run(_load_args(tmp_path, site))
+    assert "PermutedSparseLinear" in done.stdout and "Error" not in done.stderr
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), reference)
+
+
+@pytest.mark.parametrize("script", [
+    "from optimum_permllm.integrations.transformers import PermLLMHfQuantizer\n"
+    "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING\n"
+    "print(AUTO_QUANTIZER_MAPPING['permllm'] is PermLLMHfQuantizer)",
+    "from optimum_permllm.integrations import peft as permllm_peft\n"
+    "from peft.tuners.lora.model import LoraModel\n"
+    "print(getattr(LoraModel._create_new_module, permllm_peft._MARK, False))",
+], ids=["transformers", "peft"])
+def test_importing_an_integration_first_still_registers_it(script, tmp_path):
+    # The integration's own import loads the library module that triggers the registration, which imports the
+    # integration again while it is half-imported: its import must still end registered.
+    # -S: neither .pth hook; PYTHONPATH: this worktree's package and the installed libraries.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *(p for p in sys.path if p)])}
+    assert _run(["-S", "-c", script], cwd=tmp_path, env=env).stdout.split()[-1] == "True"
 
 
 def test_a_stale_pth_without_its_module_is_silent(tmp_path):

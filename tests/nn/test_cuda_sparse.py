@@ -195,15 +195,13 @@ def test_sparse_linear_dispatches_on_token_count(monkeypatch):
     assert calls == ["dense", "sparse", "dense"]
 
 
-def test_default_min_tokens_is_a_positive_int():
-    assert isinstance(cuda_sparse.DEFAULT_MIN_TOKENS, int) and cuda_sparse.DEFAULT_MIN_TOKENS >= 1
-
-
-def test_min_tokens_per_shape_overrides_the_default(monkeypatch):
-    monkeypatch.setattr(cuda_sparse, "DEFAULT_MIN_TOKENS", 64)
+def test_measured_shapes_follow_the_table_and_others_the_multiply_add_bound(monkeypatch):
     monkeypatch.setattr(cuda_sparse, "MIN_TOKENS_BY_SHAPE", {(11008, 4096): 512, (4096, 11008): None})
+    monkeypatch.setattr(cuda_sparse, "KERNEL_MIN_MACS", 1000)
     assert cuda_sparse.min_tokens_for(11008, 4096) == 512
-    assert cuda_sparse.min_tokens_for(4096, 4096) == 64
+    assert cuda_sparse.min_tokens_for(10, 10) == 10  # 10 tokens x 10 x 10 = 1000 multiply-adds
+    assert cuda_sparse.min_tokens_for(10, 9) == 12  # ceil(1000 / 90)
+    assert cuda_sparse.min_tokens_for(100, 100) == 1
     never = cuda_sparse.min_tokens_for(4096, 11008)
     assert never > 10**12
     calls = []
@@ -211,6 +209,13 @@ def test_min_tokens_per_shape_overrides_the_default(monkeypatch):
     weight = masked_weight(16, 16)
     sparse_linear(torch.randn(10**4, 16), weight, lambda: calls.append("dense") or weight, None, never)
     assert calls == ["dense"]
+
+
+def test_the_shipped_dispatch_never_uses_the_kernel_where_it_was_measured_to_lose():
+    """The H200 sweep: 4096x4096 lost at every count up to 8192 tokens; the MLP shapes won only from 6144/8192."""
+    assert cuda_sparse.min_tokens_for(4096, 4096) > 8192
+    assert cuda_sparse.min_tokens_for(11008, 4096) >= 6144 and cuda_sparse.min_tokens_for(4096, 11008) >= 8192
+    assert cuda_sparse.min_tokens_for(576, 576) * 576 * 576 >= cuda_sparse.KERNEL_MIN_MACS  # SmolLM2-sized
 
 
 def test_a_refused_layer_logs_why_it_stays_dense(caplog):
@@ -289,10 +294,11 @@ def test_gpu_backward_matches_dense_autograd(dtype):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype, shape", [(torch.float32, (64, 128)), (torch.float16, (24, 40))])
-def test_gpu_unsupported_layer_falls_back_to_dense_and_logs_why(dtype, shape, caplog):
+def test_gpu_unsupported_layer_falls_back_to_dense_and_logs_why(dtype, shape, caplog, monkeypatch):
     """fp32 (no 2:4 kernel) and a shape off the kernel's alignment run the dense masked path, and say why."""
     from optimum_permllm.nn import PermutedSparseLinear
 
+    monkeypatch.setattr(cuda_sparse, "min_tokens_for", lambda out_features, in_features: 1)  # ask for the kernel
     torch.manual_seed(6)
     linear = torch.nn.Linear(shape[1], shape[0]).to("cuda", dtype)
     layer = PermutedSparseLinear.from_linear(linear, perm=torch.randperm(shape[1], device="cuda"))
@@ -304,3 +310,32 @@ def test_gpu_unsupported_layer_falls_back_to_dense_and_logs_why(dtype, shape, ca
     assert reason is not None and any(reason in record.getMessage() for record in caplog.records)
     reference = F.linear(x.double()[:, layer.input_perm], layer.permuted_dense_weight().double(), linear.bias.double())
     assert relative_error(y, reference) < (1e-5 if dtype == torch.float32 else KERNEL_TOLERANCE[dtype])
+
+
+def test_module_builds_the_compressed_weight_only_for_calls_that_use_the_kernel(monkeypatch):
+    """Below its threshold (or with another dtype) a layer stays on the dense path and never compresses, so
+    decode holds no compressed copy; from the threshold on, the kernel path gets the compressed weight."""
+    from optimum_permllm.nn import PermutedSparseLinear
+
+    layer = PermutedSparseLinear.from_linear(torch.nn.Linear(32, 16), perm=torch.randperm(32))
+    built = []
+    monkeypatch.setattr(cuda_sparse, "min_tokens_for", lambda out_features, in_features: 8)
+    monkeypatch.setattr(layer, "_cuda_weight", lambda: built.append(True) or layer.permuted_dense_weight())
+    assert not layer._uses_kernel(torch.randn(7, 32)) and built == []
+    assert not layer._uses_kernel(torch.randn(8, 32).double()) and built == []
+    assert layer._uses_kernel(torch.randn(2, 4, 32)) and built == [True]
+
+
+def test_dense_path_folds_the_permutation_into_its_cached_weight_and_follows_a_new_one():
+    """The dense path is one matmul on the unpermuted input; an in-place change of input_perm (as
+    load_state_dict makes) rebuilds the cached weight."""
+    from optimum_permllm.nn import PermutedSparseLinear
+
+    g = torch.Generator().manual_seed(4)
+    layer = PermutedSparseLinear.from_linear(torch.nn.Linear(32, 16), perm=torch.randperm(32, generator=g))
+    x = torch.randn(5, 32, generator=g, dtype=torch.float64)
+    layer = layer.double()
+    for perm in (layer.input_perm.clone(), torch.randperm(32, generator=g)):
+        layer.input_perm.copy_(perm)
+        reference = F.linear(x[:, perm], layer.permuted_dense_weight(), layer.bias)
+        torch.testing.assert_close(layer(x), reference, rtol=1e-12, atol=1e-12)

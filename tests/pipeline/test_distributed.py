@@ -74,12 +74,11 @@ def _free_port():
 def ranks(tmp_path_factory):
     """What each of two gloo ranks computed."""
     folder = tmp_path_factory.mktemp("ranks")
-    torch.set_num_threads(1)
     mp.spawn(_worker, args=(2, _free_port(), str(folder)), nprocs=2, join=True)
     return [torch.load(folder / f"rank{rank}.pt") for rank in range(2)]
 
 
-def test_two_ranks_learn_the_same_permutations_as_one_process(ranks):
+def test_two_ranks_learn_the_same_permutations_as_one_process(ranks, one_thread):
     expected = _prune_layer_scope()
     assert expected and not is_distributed()
     for result in ranks:
@@ -89,7 +88,7 @@ def test_two_ranks_learn_the_same_permutations_as_one_process(ranks):
         assert all(torch.equal(result["perms"][k], expected[k]) for k in expected)
 
 
-def test_two_ranks_train_jointly_as_one_process_with_the_same_global_batch(ranks):
+def test_two_ranks_train_jointly_as_one_process_with_the_same_global_batch(ranks, one_thread):
     perms, info = _prune_joint()
     assert info["best_step"] > 0  # learned permutations, not the heuristic fallback
     for result in ranks:

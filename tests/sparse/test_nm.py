@@ -18,7 +18,7 @@ def test_hand_computed_2_4():
 
 @pytest.mark.parametrize("n,m", PATTERNS)
 def test_mask_keeps_the_top_n_of_every_group(n, m):
-    scores = torch.randn(16, 4 * m)
+    scores = torch.randn(16, 4 * m, generator=torch.Generator().manual_seed(m))
     mask = nm_mask(scores, n, m)
     groups, kept = scores.reshape(16, -1, m), mask.reshape(16, -1, m)
     assert bool((kept.sum(-1) == n).all())
@@ -32,20 +32,39 @@ def test_ties_go_to_the_lower_position():
     assert nm_mask(torch.ones(1, 4), 2, 4).tolist() == [[True, True, False, False]]
 
 
+def _nm_by_construction(rows, groups, n, m, generator):
+    """A weight whose every group of m holds at most n non-zeros: a random 0..n of them, at random places."""
+    ranks = torch.rand(rows, groups, m, generator=generator).argsort(-1).argsort(-1)  # a random order per group
+    counts = torch.randint(0, n + 1, (rows, groups, 1), generator=generator)
+    values = torch.randn(rows, groups, m, generator=generator)
+    return values.masked_fill(ranks >= counts, 0).reshape(rows, groups * m)
+
+
+def _brute_force_violations(weight, n, m):
+    """Groups of m consecutive entries of a row with more than n non-zeros, counted one by one."""
+    rows, cols = weight.shape
+    return sum(int(sum(weight[r, g * m + j] != 0 for j in range(m)) > n) for r in range(rows) for g in range(cols // m))
+
+
+@pytest.mark.parametrize("broken_groups", [0, 1, 3])
 @pytest.mark.parametrize("n,m", PATTERNS)
-def test_check_nm_matches_brute_force(n, m):
-    weight = torch.randn(8, 2 * m) * (torch.rand(8, 2 * m) > 0.5)
-    brute = all(
-        sum(weight[r, g * m + j] != 0 for j in range(m)) <= n for r in range(8) for g in range(2)
-    )
-    assert check_nm(weight, n, m) == brute
-    assert (nm_violations(weight, n, m) == 0) == brute
+def test_check_nm_matches_brute_force(n, m, broken_groups):
+    generator = torch.Generator().manual_seed(10 * n + m)
+    weight = _nm_by_construction(8, 4, n, m, generator)
+    for index in torch.randperm(8 * 4, generator=generator)[:broken_groups].tolist():
+        row, group = divmod(index, 4)  # give this group n + 1 non-zeros, at random places
+        places = group * m + torch.randperm(m, generator=generator)[:n + 1]
+        weight[row, places] = torch.rand(n + 1, generator=generator) + 0.5
+    assert _brute_force_violations(weight, n, m) == broken_groups  # the construction did what it says
+    assert int((weight.reshape(8, 4, m) != 0).sum(-1).eq(n).sum()) > broken_groups  # groups of exactly n remain
+    assert check_nm(weight, n, m) == (broken_groups == 0)
+    assert nm_violations(weight, n, m) == broken_groups
 
 
 @pytest.mark.parametrize("dtype,int_view", [(torch.float32, torch.int32), (torch.float16, torch.int16), (torch.bfloat16, torch.int16)])
 @pytest.mark.parametrize("n,m", PATTERNS)
 def test_pack_round_trip_is_bit_exact(dtype, int_view, n, m):
-    weight = torch.randn(32, 8 * m).to(dtype)
+    weight = torch.randn(32, 8 * m, generator=torch.Generator().manual_seed(m)).to(dtype)
     weight = weight.masked_fill(~nm_mask(weight.abs(), n, m), 0)
     values, bitmask = pack_nm(weight, n, m)
     assert values.shape == (32, 8 * n)
@@ -62,7 +81,7 @@ def test_pack_keeps_explicit_zeros_when_the_mask_says_so():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_2_4_packed_size_is_at_most_0_5625_of_dense(dtype):
-    weight = torch.randn(256, 512).to(dtype)
+    weight = torch.randn(256, 512, generator=torch.Generator().manual_seed(0)).to(dtype)
     weight = weight.masked_fill(~nm_mask(weight.abs(), 2, 4), 0)
     values, bitmask = pack_nm(weight, 2, 4)
     assert packed_nbytes(values, bitmask) <= 0.5625 * weight.numel() * weight.element_size()

@@ -15,12 +15,12 @@ class PermLLMCommand(BaseOptimumCLICommand):
 
     @staticmethod
     def parse_args(parser):
-        from optimum_permllm.cli import add_subcommands
+        from optimum_permllm.commands.cli import add_subcommands
 
         add_subcommands(parser)
 
     def run(self):
-        from optimum_permllm.cli import dispatch
+        from optimum_permllm.commands.cli import dispatch
 
         status = dispatch(self.args, self.parser)
         if status:

@@ -52,8 +52,8 @@ class LayerObjective:
     loss(W'_1..W'_L) = mean_l tr((W_l - W'_l) G (W_l - W'_l)^T) / tr(W_l G W_l^T), i.e. the mean over
     layers of ||X W_l^T - X W'_l^T||^2 / ||X W_l^T||^2 on the calibration tokens, without the tokens.
     The mean of per-layer ratios, not one ratio of sums: scaling q_proj by c and k_proj by 1/c (or
-    up_proj and down_proj) leaves the model unchanged, so the objective must not depend on it; a ratio
-    of sums let q_proj's large outputs drown v_proj's error (about 5% of the sum on SmolLM2).
+    up_proj and down_proj) leaves the model unchanged, so the objective must not depend on it, and a ratio
+    of sums lets a member with large outputs (q_proj) drown a small one's error (v_proj; research/FINDINGS.md).
     """
 
     def __init__(self, weights: Sequence[torch.Tensor], gram: torch.Tensor):

@@ -203,7 +203,7 @@ def test_a_scope_objective_is_searched_on_its_own_and_never_by_the_gram_swap_pol
     settings = LearningSettings(block_size=32, refine_rounds=6, steps=0)
     # Without a scope, the polish lowers the Gram objective well below its initialisation ...
     polished = learn_permutation(weights, gram, norms, 2, 4, settings, init_perm=init)
-    assert polished.best_loss < 0.97 * polished.init_loss
+    assert polished.best_loss < 0.9 * polished.init_loss  # measured 0.82 (0.82-0.88 on seeds 0-2, 4)
     # ... but under a scope that agrees with that objective, no step means no search: the init is kept.
     agreeing = learn_permutation(weights, gram, norms, 2, 4, settings, init_perm=init, loss_fn=LayerObjective(weights, gram))
     assert torch.equal(agreeing.perm, init) and agreeing.history == [agreeing.init_loss]
@@ -222,7 +222,10 @@ def test_quality_beats_identity_and_heuristic_on_correlated_inputs():
     identity_loss = mean_token_loss(weights, x, torch.arange(128), norms)
     result = learn_permutation(weights, gram, norms, 2, 4, LearningSettings(steps=40), init_perm=init)
     assert result.init_loss == pytest.approx(mean_token_loss(weights, x, init, norms), rel=1e-4)
-    assert result.best_loss < 0.98 * min(identity_loss, result.init_loss)
+    # Measured 0.87 of the better start here (0.86-0.87 on seeds 0-2), mostly from the swap polish (0.88 with no
+    # Sinkhorn step, 0.98 with the Sinkhorn steps alone): 0.92 holds with room for the seed and fails if the
+    # result gives back little more than the heuristic already has.
+    assert result.best_loss < 0.92 * min(identity_loss, result.init_loss)
     assert result.best_loss == pytest.approx(mean_token_loss(weights, x, result.perm, norms), rel=1e-4)
 
 
@@ -306,5 +309,5 @@ def test_learned_permutation_with_refinement_beats_the_heuristic_init():
     weights, x, gram, norms = make_group(channels=64, outs=(48, 16), seed=4)
     init = heuristic_permutation(_group_scores(weights, norms), 2, 4)
     result = learn_permutation(weights, gram, norms, 2, 4, LearningSettings(block_size=32, steps=2, refine_rounds=6), init_perm=init)
-    assert result.best_loss < 0.97 * result.init_loss
+    assert result.best_loss < 0.9 * result.init_loss  # measured 0.82 (0.82-0.88 on seeds 0-2, 4)
     assert result.best_loss == pytest.approx(mean_token_loss(weights, x, result.perm, norms), rel=1e-4)

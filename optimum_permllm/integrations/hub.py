@@ -22,8 +22,8 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, HfApi, constants, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .config import PermLLMConfig
-from .sparsifier import sparsity_report
+from ..config import PermLLMConfig
+from ..sparsifier import sparsity_report
 
 TAGS = ("permllm", "sparse", "pruned", "n:m-sparsity")
 RESULT_KEYS = ("perplexity", "zero_shot", "evaluation")
@@ -167,7 +167,7 @@ def _tags(config: PermLLMConfig) -> list[str]:
 
 def _fields(model, config: PermLLMConfig, base_model: str, results, repo_id, license_note) -> dict[str, str]:
     """Every template field but the metadata, as text."""
-    from . import __version__
+    from .. import __version__
 
     pattern = config.pattern
     name = repo_id or f"{base_model.split('/')[-1]}-permllm-{config.sparsity.replace(':', 'of')}"

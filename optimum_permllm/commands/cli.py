@@ -1,7 +1,7 @@
 """The `permllm` command line (also `optimum-cli permllm`): prune, eval, export-dense, info, push, demo.
 
-Nothing here imports torch or transformers before the arguments are parsed (the package's `load()` runs
-in `dispatch`), so `--help` answers at once (tests/test_cli.py checks it with `python -X importtime`).
+Nothing here imports torch or transformers before the arguments are parsed (each command imports what it
+runs), so `--help` answers at once (tests/commands/test_cli.py checks it with `python -X importtime`).
 Expected failures (bad input, a missing file, a refused upload) print one line on stderr and exit with 1;
 bad usage exits with 2.
 Output folders are written into a temporary folder beside the target and renamed at the end, so an
@@ -104,7 +104,7 @@ def _device_and_dtype(parser: argparse.ArgumentParser, dtype_default: str = "flo
 
 
 def _prune_arguments(parser: argparse.ArgumentParser) -> None:
-    from .options import LEARNERS, METRICS, PERMUTATIONS, SCOPES
+    from ..options import LEARNERS, METRICS, PERMUTATIONS, SCOPES
 
     parser.add_argument("model", nargs="?", help="Hub id or folder of the dense model (or use --gguf-file)")
     parser.add_argument("--gguf-file", help="prune a GGUF file instead (dequantized to --dtype first)")
@@ -186,9 +186,9 @@ def run_prune(args) -> int:
         raise UsageError("give either a model id/folder or --gguf-file (exactly one)")
     output = _check_output(args.output, args.overwrite)
     _device(args.device)  # an unavailable device is refused before any work
-    from .config import PermLLMConfig
-    from .saving import save_pretrained
-    from .sparsifier import PermLLMSparsifier
+    from ..config import PermLLMConfig
+    from ..saving import save_pretrained
+    from ..sparsifier import PermLLMSparsifier
 
     learning = {name: getattr(args, name) for name in ("learner", "scope", "block_size", "steps", "learned_layers")
                 if getattr(args, name) is not None}
@@ -205,9 +205,9 @@ def run_prune(args) -> int:
 
 
 def run_eval(args) -> int:
-    from .data.calibration import get_evaluation_text
-    from .evaluation.perplexity import perplexity
-    from .evaluation.zeroshot import DEFAULT_TASKS, zero_shot
+    from ..data.calibration import get_evaluation_text
+    from ..evaluation.perplexity import perplexity
+    from ..evaluation.zeroshot import DEFAULT_TASKS, zero_shot
 
     tasks = _tasks(args.tasks, DEFAULT_TASKS)
     if args.no_perplexity and not tasks:
@@ -235,7 +235,7 @@ def run_export_dense(args) -> int:
     model, tokenizer = _load_model(args.checkpoint, None, "cpu", args.dtype, need_tokenizer=False)
     if not getattr(model, "is_quantized", False):
         raise CLIError(f"{args.checkpoint} is not a permllm checkpoint (its config has no quantization_config)")
-    from .saving import save_pretrained
+    from ..saving import save_pretrained
 
     save_pretrained(model.dequantize(), output, tokenizer, overwrite=args.overwrite)
     print(f"saved a dense copy to {output} (pruned weights are zeros; load it without optimum_permllm)")
@@ -243,8 +243,8 @@ def run_export_dense(args) -> int:
 
 
 def run_info(args) -> int:
-    from .nn.validation import CheckpointError
-    from .sparsifier import sparsity_report
+    from ..nn.validation import CheckpointError
+    from ..sparsifier import sparsity_report
 
     try:
         model, _ = _load_model(args.checkpoint, None, "cpu", None, need_tokenizer=False, progress=False)
@@ -272,7 +272,7 @@ def run_info(args) -> int:
 
 
 def run_push(args) -> int:
-    from . import hub
+    from ..integrations import hub
 
     hub.check_repo_id(args.repo_id)
     token = hub.resolve_token(args.token)
@@ -311,10 +311,6 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.print_help()
         return 2
     try:
-        if run is not run_demo:  # the demo parses its own options before it loads anything
-            from . import load
-
-            load()
         return run(args)
     except UsageError as error:
         parser.error(f"{args.permllm_command}: {error}")
@@ -332,7 +328,7 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _check_output(path: str, overwrite: bool) -> Path:
     """The output folder, refused before any work when it exists (unless --overwrite), is a file, or cannot be
     created there."""
-    from .saving import interrupted_backup
+    from ..saving import interrupted_backup
 
     output = Path(path)
     if output.exists() and (output.is_file() or not overwrite):
@@ -381,7 +377,7 @@ def _device(name: str | None) -> str:
     """The --device to use (default: cuda when available, else cpu), refused when this machine does not have it."""
     import torch
 
-    from .pipeline.preflight import check_device
+    from ..pipeline.preflight import check_device
 
     return str(check_device(name)) if name else ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -416,7 +412,7 @@ def _check_source(source: str) -> None:
     before transformers tries the Hub with it."""
     if Path(source).expanduser().exists():
         return
-    from .saving import interrupted_backup
+    from ..saving import interrupted_backup
 
     backup = interrupted_backup(Path(source).expanduser())
     if backup is not None:
@@ -431,7 +427,7 @@ def _load_dense(args):
     """The dense model to prune, from a Hub id/folder or a GGUF file (dequantized), with its tokenizer."""
     if not args.gguf_file:
         return _load_model(args.model, args.tokenizer, args.device, args.dtype)
-    from .data.assets import load_gguf
+    from ..data.assets import load_gguf
 
     model, tokenizer = load_gguf(args.gguf_file, _torch_dtype(args.dtype), args.tokenizer)
     return model.to(_device(args.device)).eval(), tokenizer
@@ -453,7 +449,7 @@ def _evaluation_note(args) -> str:
 
 
 def _print_summary(model, headline: str) -> None:
-    from .sparsifier import sparsity_report
+    from ..sparsifier import sparsity_report
 
     report = sparsity_report(model)
     stored = sum(entry["bytes"] for entry in report.values())

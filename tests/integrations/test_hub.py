@@ -8,11 +8,12 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from safetensors.torch import load as load_safetensors
 
-from optimum_permllm import PermLLMConfig, PermLLMSparsifier, hub
+from optimum_permllm import PermLLMConfig, PermLLMSparsifier
+from optimum_permllm.integrations import hub
 
-from .conftest import tiny_model
-from .data.tiny_text import tiny_tokenizer
-from .integrations.test_save_load import _sparsify_with_random_permutations
+from ..conftest import tiny_model
+from ..data.tiny_text import tiny_tokenizer
+from .test_save_load import _sparsify_with_random_permutations
 
 BASE = "HuggingFaceTB/SmolLM2-135M"
 RESULTS = {"perplexity": {"dense": 20.25, "sparse": 31.5}, "zero_shot": {"piqa": 0.61, "boolq": 0.55},
@@ -96,7 +97,7 @@ def test_template_with_missing_fields_is_a_clear_error(sparse_model, tmp_path):
 
 def test_the_template_ships_as_package_data():
     import tomllib
-    package = Path(hub.__file__).parent
+    package = Path(hub.__file__).parents[1]
     globs = tomllib.loads((package.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     shipped = [p for pattern in globs["optimum_permllm"] for p in package.glob(pattern)]
     assert hub.template_path() in shipped and not hub.template_path().is_symlink()

@@ -1,0 +1,145 @@
+"""The pruning metrics, one entry each: the score that ranks weights, what it reads, how it prunes a group.
+
+Everything that depends on the metric reads `METRICS`: the plan (`needs_gram`, `needs_calibration`), the
+planner (`planning.plan_group`) and the pre-flight checks (`preflight.warn_few_tokens`). The names alone live in `options.METRICS` (standard library only, for the
+commands' --help); a test holds the two equal. A new metric is one entry here and its tests.
+
+A prune function gets the group's dense float32 weights (original column order), their scores concatenated
+along the rows, the inputs' statistics, the chosen permutation, the N:M pattern and the dampening; it returns
+each member's pruned float32 weight and mask in permuted column order, and may add to the group's `info`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..algorithms.gram_mask import gram_mask
+from ..algorithms.refit import FEW_TOKENS_PER_INPUT, DampedGram, evidence_damp, refit_best_of
+from ..algorithms.scores import obs_feature_weights
+from ..algorithms.sparsegpt import sparsegpt_prune
+from ..algorithms.statistics import InputStatistics
+from ..sparse.nm import NMPattern, nm_mask
+
+Pruned = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How one metric prunes a group of linears that share an input.
+
+    `score`: the score (`algorithms.scores.score_fn`) that ranks the weights: the permutation (heuristic and
+    learned) is chosen on it and the first N:M mask keeps its top N. `input_weights(stats, damp)`: that
+    score's per-input factor (None for |W|). `prune`: see the module docstring. `needs_gram`: the statistics
+    must track the inputs' Gram matrix. `calibrated`: pruning needs calibration activations.
+    `tokens_per_input`: for a metric that refits the kept weights on the calibration inputs, the calibration
+    tokens per input of the widest layer below which the refit fits that text more than the layer (0: none).
+    """
+
+    score: str
+    input_weights: Callable[[InputStatistics | None, float], torch.Tensor | None]
+    prune: Callable[..., Pruned]
+    needs_gram: bool = False
+    calibrated: bool = True
+    tokens_per_input: int = 0
+
+
+def no_input_weights(stats: InputStatistics | None, damp: float) -> None:
+    """|W| alone: no factor per input, so no calibration statistics."""
+    return None
+
+
+def feature_norms(stats: InputStatistics, damp: float) -> torch.Tensor:
+    """||x_j|| over the calibration tokens (Wanda's and RIA's activation term)."""
+    return stats.feature_norms()
+
+
+def obs_weights(stats: InputStatistics, damp: float) -> torch.Tensor:
+    """The OBS weights 1 / sqrt([G^-1]_jj) on the damped Gram matrix (`algorithms.scores.obs_feature_weights`)."""
+    return obs_feature_weights(DampedGram.from_gram(stats.gram(), damp))
+
+
+def prune_by_score(dense, scores, stats, perm, pattern: NMPattern, damp, info, timed) -> Pruned:
+    """Keep the top-N scores of every M permuted columns; the kept weights are unchanged."""
+    pruned, masks = {}, {}
+    for (name, w), member_scores in zip(dense.items(), _member_rows(scores, dense)):
+        masks[name] = nm_mask(member_scores[:, perm], pattern.n, pattern.m)
+        pruned[name] = w[:, perm].masked_fill(~masks[name], 0)
+    return pruned, masks
+
+
+def prune_gram(dense, scores, stats, perm, pattern: NMPattern, damp, info, timed) -> Pruned:
+    """The scores' mask improved on the exact output error over the calibration inputs; weights unchanged."""
+    gram = stats.gram()[perm][:, perm]
+    pruned, masks = {}, {}
+    for (name, w), member_scores in zip(dense.items(), _member_rows(scores, dense)):
+        wp = w[:, perm]
+        with timed("gram_mask"):
+            masks[name] = gram_mask(wp, gram, nm_mask(member_scores[:, perm], pattern.n, pattern.m), pattern.n, pattern.m)
+        pruned[name] = wp.masked_fill(~masks[name], 0)
+    return pruned, masks
+
+
+def prune_sparsegpt(dense, scores, stats, perm, pattern: NMPattern, damp, info, timed) -> Pruned:
+    """SparseGPT: masks chosen from the Hessian while the kept weights are updated to compensate."""
+    hessian = stats.hessian()
+    pruned, masks = {}, {}
+    for name, w in dense.items():
+        with timed("sparsegpt"):
+            pruned[name], masks[name] = sparsegpt_prune(w, hessian, pattern.n, pattern.m, perm=perm, damp=damp)
+    return pruned, masks
+
+
+def prune_lsq(dense, scores, stats, perm, pattern: NMPattern, damp, info, timed) -> Pruned:
+    """Per member two candidate masks, SparseGPT's (with its update) and the Gram-chosen one; the refit's
+    dampening estimated from SparseGPT's updates of the whole group (`evidence_damp`); then every row
+    refitted on both and the better kept. SparseGPT's candidate starts from its own update."""
+    n, m = pattern.n, pattern.m
+    hessian, gram = stats.hessian(), stats.gram()[perm][:, perm]
+    candidates = {}
+    for (name, w), member_scores in zip(dense.items(), _member_rows(scores, dense)):
+        wp = w[:, perm]
+        with timed("sparsegpt"):
+            updated, sparsegpt_mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=damp)
+        with timed("gram_mask"):
+            chosen = gram_mask(wp, gram, nm_mask(member_scores[:, perm], n, m), n, m)
+        candidates[name] = (wp, updated.float(), sparsegpt_mask, chosen)
+    with timed("gram_inverse"):
+        parts = list(zip(*candidates.values()))
+        refit_damp = max(damp, evidence_damp(parts[0], parts[1], parts[2], gram, stats.num_tokens))
+        system = DampedGram.from_gram(gram, refit_damp)
+    pruned, masks = {}, {}
+    for name, (wp, updated, sparsegpt_mask, chosen) in candidates.items():
+        with timed("refit"):
+            pruned[name], masks[name], fits = refit_best_of(wp, system, [sparsegpt_mask, chosen], starts=[updated, None])
+        _record_refit(info, name, fits)
+    info["damp"] = refit_damp
+    return pruned, masks
+
+
+# The permutation is chosen for the mask the metric keeps, so on the metric's own score where it has one.
+# SparseGPT decides its masks from the Hessian while updating weights, so it is permuted by Wanda, its usual
+# companion; the Gram-chosen mask starts from Wanda's mask. lsq uses Wanda's form with the OBS weights in place
+# of ||x_j||: its refit is the full compensation that the OBS saliency assumes (on the plan's damp).
+METRICS: dict[str, Metric] = {
+    "magnitude": Metric("magnitude", no_input_weights, prune_by_score, calibrated=False),
+    "wanda": Metric("wanda", feature_norms, prune_by_score),
+    "ria": Metric("ria", feature_norms, prune_by_score),
+    "gram": Metric("wanda", feature_norms, prune_gram, needs_gram=True),
+    "sparsegpt": Metric("wanda", feature_norms, prune_sparsegpt, needs_gram=True),
+    "lsq": Metric("wanda", obs_weights, prune_lsq, needs_gram=True, tokens_per_input=FEW_TOKENS_PER_INPUT),
+}
+
+
+def _member_rows(scores: torch.Tensor, dense: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The group's concatenated scores split back into one block of rows per member."""
+    return torch.split(scores, [w.shape[0] for w in dense.values()])
+
+
+def _record_refit(info: dict, name: str, fits) -> None:
+    """Per linear and candidate mask: the refit's iterations (largest, mean) and rows stopped at the cap."""
+    info.setdefault("refit", {})[name] = [
+        {"iterations_max": int(fit.iterations.max()), "iterations_mean": round(float(fit.iterations.float().mean()), 2),
+         "unconverged_rows": int((~fit.converged).sum())} for fit in fits]
