@@ -195,6 +195,21 @@ def test_folding_keeps_the_logits_and_removes_the_gathers(family, fold, monkeypa
     assert len(norms) == 2 * layers  # the norms before attention and MLP write permuted outputs
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fold_check_accepts_rounding_and_refuses_a_reordered_output(dtype):
+    """An exact fold only reorders sums: a difference of rounding size (here 20 float32 eps of the largest value,
+    more than the 11 measured on Gemma 3 270M) passes; the same output with two features swapped does not."""
+    from optimum_permllm.pipeline.folding import FOLD_TOLERANCE, _same_output
+
+    reference = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    scale = float(reference.abs().max())
+    rounding = max(20 * torch.finfo(torch.float32).eps, 0.5 * 8 * torch.finfo(dtype).eps) * scale
+    assert _same_output(reference + rounding, reference)
+    assert not _same_output(reference + 2 * max(FOLD_TOLERANCE, 8 * torch.finfo(dtype).eps) * scale, reference)
+    swapped = reference[..., [1, 0, *range(2, 64)]]
+    assert not _same_output(swapped, reference)
+
+
 def test_fold_true_never_changes_the_chosen_permutations(monkeypatch):
     """Folding only moves each chosen permutation into a producing layer or norm: the planned permutations
     with fold_permutations=True are those chosen with folding off (only "all" constrains o_proj to heads)."""
