@@ -8,7 +8,9 @@ collects them into a Markdown table. Example (the figures in BENCHMARKS.md):
 
 `--model gemma-3-270m` runs the same on Gemma 3 270M (any Hub id or folder works too).
 A method is METRIC[+cp|+learned[-ot][-model]] ("dense" for the unpruned model), e.g. "ria+cp",
-"sparsegpt+learned" or "wanda+learned-ot-model".
+"sparsegpt+learned" or "wanda+learned-ot-model" ("-model": the joint training of PermLLM as published;
+`--learned-layers 6` learns only the last 6 layers, `--joint-batch` sets its windows per step, `--joint-loss`
+its loss, and the row records the joint training's held-out losses and seconds per step).
 Protocol (fixed, documented in BENCHMARKS.md): fp32 on the CPU; calibration = the offline Wikipedia
 calibration part, `--num-samples` windows of `--seq-len` tokens, seed 0; perplexity = the first
 `--eval-windows` non-overlapping 512-token windows of the held-out Wikipedia part, and on the same
@@ -67,12 +69,14 @@ def run_one(args, prune=None) -> dict:
     start = time.perf_counter()
     if args.one != "dense":
         config = PermLLMConfig(sparsity=args.sparsity, num_samples=args.num_samples, seq_len=args.seq_len,
-                               dataset=args.dataset, steps=args.steps, seed=args.seed,
+                               dataset=args.dataset, steps=args.steps, seed=args.seed, learned_layers=args.learned_layers,
                                modules_to_not_convert=args.keep_dense, **parse_method(args.one))
-        if prune is None:
-            PermLLMSparsifier(config).sparsify_model(model, tokenizer, progress=False)
-        else:
+        if prune is not None:
             prune(model, tokenizer, config)
+        elif config.permutation == "learned" and config.scope == "model":
+            row.update(prune_joint(model, tokenizer, config, args.joint_batch, args.joint_loss))
+        else:
+            PermLLMSparsifier(config).sparsify_model(model, tokenizer, progress=False)
     row["prune_seconds"] = round(time.perf_counter() - start, 1)
     row["perplexity"] = round(perplexity(model, tokenizer, seq_len=512, max_windows=args.eval_windows), 3)
     row["kl_to_dense"] = round(kl_divergence(model, dense, tokenizer, seq_len=512, max_windows=args.eval_windows), 4)
@@ -82,6 +86,30 @@ def run_one(args, prune=None) -> dict:
         row["zero_shot"] = {k: round(v * 100, 1) for k, v in zero_shot(model, tokenizer, limit=args.zero_shot_limit).items()}
     row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return row
+
+
+def prune_joint(model, tokenizer, config, batch: int | None, loss: str | None) -> dict:
+    """Prune with the `model` scope through the pipeline (the sparsifier's path, with the joint training's batch
+    and loss set); returns what the joint training reports, for the row."""
+    from dataclasses import replace
+
+    from optimum_permllm.data.calibration import get_calibration_data
+    from optimum_permllm.pipeline.layerwise import sparsify_layerwise
+
+    plan = config.to_plan()
+    if batch is not None:
+        plan = replace(plan, learning=replace(plan.learning, batch_size=batch, micro_batch=batch))
+    if loss is not None:
+        plan = replace(plan, learning=replace(plan.learning, standardise=loss == "standardised"))
+    samples = get_calibration_data(config.dataset, tokenizer, config.num_samples, config.seq_len, config.seed)
+    found = []
+    sparsify_layerwise(model, samples, plan, progress=False, callback=lambda index, info: found.append(info.get("joint")))
+    joint = next((info for info in found if info is not None), {})
+    keep = ("first_layer", "steps", "train_windows", "heldout_windows", "start_loss", "best_loss", "best_step",
+            "heldout_history", "seconds_per_step")
+    return {"learned_layers": config.learned_layers, "joint_batch": plan.learning.batch_size,
+            "joint_loss": "standardised" if plan.learning.standardise else "cosine",
+            "joint": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in joint.items() if k in keep}}
 
 
 def table(rows: list[dict]) -> str:
@@ -112,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0, help="calibration windows (and learned-permutation) seed")
     parser.add_argument("--steps", type=int, default=None, help="learned-permutation steps (None: default)")
+    parser.add_argument("--learned-layers", type=int, default=None,
+                        help="learned permutation: only the last N decoder layers learn (None: all)")
+    parser.add_argument("--joint-batch", type=int, default=None,
+                        help="-model methods: calibration windows per step of the joint training (None: 16)")
+    parser.add_argument("--joint-loss", default=None, choices=["cosine", "standardised"],
+                        help="-model methods: the cosine of the last hidden states as they are, or with every feature "
+                             "divided by its dense RMS (None: the library's default)")
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--device", default="cpu", help="where the model is pruned and evaluated (e.g. cuda)")
     parser.add_argument("--keep-dense", nargs="+", default=None, metavar="NAME",

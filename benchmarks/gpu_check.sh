@@ -19,7 +19,8 @@
 #   e2e         bench_e2e.py: LLaMA-7B-shaped random model, prefill 2048 tokens, decode at batch 1 and 32,
 #               dense vs 2:4, GPU weight memory
 #   layer_time  bench_learned_layer_time.py: seconds per 7B-shaped decoder layer of the learned permutation,
-#               the Gram mask and the lsq refit (one process; each JSON line is written as it finishes)
+#               the Gram mask and the lsq refit, and seconds per step of the joint training (scope="model",
+#               8 steps of 16 windows) (one process; each JSON line is written as it finishes)
 #
 # What comes back (8 files, all directly under $OUT; the device tool returns at most 8, 2 folders deep):
 #   summary.md      each step's status, seconds and limit; the versions; the dispatch table; the e2e table
@@ -254,7 +255,9 @@ for line in open(sys.argv[1]):
     if line.startswith("{"):
         r = json.loads(line)
         peak = f", peak {r['peak_gpu_memory_gb']} GiB" if "peak_gpu_memory_gb" in r else ""
-        print(f"- {r['method']}: {r['seconds_per_layer']} s per layer ({r['shape']}, {r['calibration']}{peak})")
+        step = (f"; joint training {r['seconds_per_step_per_layer']} s per step per layer ({r['joint_batch']} windows)"
+                if "seconds_per_step" in r else "")
+        print(f"- {r['method']}: {r['seconds_per_layer']} s per layer ({r['shape']}, {r['calibration']}{peak}){step}")
 PY
         fi
     } >> "$OUT_DIR/summary.md"
@@ -265,7 +268,8 @@ if [ "$DRY_RUN" = 1 ]; then
     TRITON=(dry_run_kernels)  # CI runs tests/kernels (Triton's interpreter); its GPU tests need CUDA
     LINEAR=(--device cpu --quick --tokens 1 16 --sweep-tokens 1 16)
     E2E=(--device cpu --layers 1 --hidden 128 --prefill 32 --decode 2 --repeats 1 --vocab 256 --decode-batch 1 2)
-    LAYER_TIME=(--device cpu --hidden 64 --mlp 128 --heads 2 --layers 1 --num-samples 2 --seq-len 16 --steps 1)
+    LAYER_TIME=(--device cpu --hidden 64 --mlp 128 --heads 2 --layers 1 --num-samples 2 --seq-len 16 --steps 1
+                --joint-steps 1 --joint-batch 1)
     export OMP_NUM_THREADS=1
 else
     # The interpreter tests run in CI; the GPU image's numpy breaks Triton 3.6's interpreter (seen 2026-12-04).
@@ -282,8 +286,8 @@ run_step gpu_tests 150 gpu_tests.log python3 -m pytest -p no:cacheprovider -q -r
 run_step triton 90 triton.log "${TRITON[@]}"
 run_step linear 150 linear.md python3 benchmarks/bench_linear.py "${LINEAR[@]}"
 run_step e2e 150 e2e.md python3 benchmarks/bench_e2e.py "${E2E[@]}"
-run_step layer_time 240 layer_time.jsonl python3 benchmarks/bench_learned_layer_time.py "${LAYER_TIME[@]}" \
-    --methods learned gram lsq
+run_step layer_time 300 layer_time.jsonl python3 benchmarks/bench_learned_layer_time.py "${LAYER_TIME[@]}" \
+    --methods learned gram lsq joint
 summary_tail
 note "done in $(( $(date +%s) - START )) s; results in $OUT_DIR"
 cat "$OUT_DIR/summary.md"

@@ -34,9 +34,19 @@ def by_setting(rows: list[dict], value: str = "perplexity") -> dict[tuple, dict[
     for row in rows:
         if value not in row:
             continue
-        key = (row["method"], row.get("sparsity", "-"), row.get("num_samples"), " ".join(row.get("keep_dense") or []) or "-")
+        key = (_label(row), row.get("sparsity", "-"), row.get("num_samples"), " ".join(row.get("keep_dense") or []) or "-")
         table[key][int(row.get("seed", 0))] = float(row[value])
     return table
+
+
+def _label(row: dict) -> str:
+    """The row's method, with the joint training's settings where they were recorded (rows of the same method
+    with other settings are other methods), e.g. "wanda+learned-model (last 6, standardised, 32 steps)"."""
+    joint = row.get("joint") or {}
+    parts = [f"last {row['learned_layers']}" if row.get("learned_layers") else None, row.get("joint_loss"),
+             f"{joint['steps']} steps" if "steps" in joint else None]
+    parts = [part for part in parts if part]
+    return row["method"] + (f" ({', '.join(parts)})" if parts else "")
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:

@@ -9,6 +9,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .options import FOLDING, LEARNERS, METRICS, PERMUTATIONS, SCOPES  # noqa: F401  (re-exported)
+from .algorithms.learned.settings import USER_SETTINGS, user_defaults
 from .pipeline.plan import LearningSettings, PruningPlan
 from .sparse.nm import NMPattern
 
@@ -16,8 +17,8 @@ from .sparse.nm import NMPattern
 FORMAT_VERSION = 1
 
 
-# Settings read only by the learned permutation, with their defaults.
-_LEARNED_ONLY = {"learner": "sinkhorn", "scope": "layer", "block_size": 64, "steps": None, "lr": None}
+# Settings read only by the learned permutation, with their defaults (which live in LearningSettings).
+_LEARNED_ONLY = user_defaults()
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -36,11 +37,12 @@ def _check_scope(scope: Any, pruned: bool) -> None:
     _check_choice("scope", scope, SCOPES)
 
 
-def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+def _check_positive_int(name: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
     if value is None and allow_none:
         return
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"PermLLMConfig: {name} must be a positive integer, got {value!r}.")
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"PermLLMConfig: {name} must be {kind}, got {value!r}.")
 
 
 class PermLLMConfig(QuantizationConfigMixin):
@@ -57,11 +59,17 @@ class PermLLMConfig(QuantizationConfigMixin):
             "lsq" it is chosen on the OBS saliency (the error of pruning a weight when the others are
             refitted), for the other metrics on the metric's score (Wanda's for "sparsegpt" and "gram").
         learner: for permutation="learned": "sinkhorn" (PermLLM) or "ot" (optimal-transport variant).
-        scope: for permutation="learned": the objective, "layer" (output error of each linear group, from
-            the input Gram matrix) or "model" (last hidden states; needs the whole model on a GPU in practice).
+        scope: for permutation="learned": "layer" (each group of linears sharing an input learns alone, on its
+            output error computed from the input Gram matrix) or "model" (PermLLM as published: every group of
+            the learned layers learns together, on the last hidden states, then the layer-by-layer pruning runs
+            with those permutations; needs the learned layers on the pruning device, a GPU in practice).
             A checkpoint pruned with the removed "block" scope still loads.
         block_size: channels per learnable permutation block (must divide the layer width).
-        steps, lr: optimisation budget of the learned permutation (None: the method's default).
+        steps, lr: optimisation budget of the learned permutation (None: the scope's default: 20 steps per
+            group for "layer", the paper's 400 AdamW steps of 16 windows for "model"). steps=0 keeps the
+            heuristic permutation ("layer": after the exact swap polish).
+        learned_layers: the number of last decoder layers that learn their permutations (None: all); the others
+            take the heuristic one (the paper's "partial" variant learns the last 6).
         damp: SparseGPT's (and "lsq"'s) dampening, added to the Hessian's diagonal as a fraction of its
             mean; raise it (e.g. 0.1) when SparseGPT reports a Hessian that is not positive definite.
         dataset: calibration text: None (offline Wikipedia default), a Hub dataset name, a local text
@@ -88,11 +96,12 @@ class PermLLMConfig(QuantizationConfigMixin):
         sparsity: str = "2:4",
         metric: str = "wanda",
         permutation: str = "heuristic",
-        learner: str = "sinkhorn",
-        scope: str = "layer",
-        block_size: int = 64,
-        steps: int | None = None,
-        lr: float | None = None,
+        learner: str = _LEARNED_ONLY["learner"],
+        scope: str = _LEARNED_ONLY["scope"],
+        block_size: int = _LEARNED_ONLY["block_size"],
+        steps: int | None = _LEARNED_ONLY["steps"],
+        lr: float | None = _LEARNED_ONLY["lr"],
+        learned_layers: int | None = _LEARNED_ONLY["learned_layers"],
         damp: float = 0.01,
         dataset: Any = None,
         tokenizer: Any = None,
@@ -124,6 +133,7 @@ class PermLLMConfig(QuantizationConfigMixin):
         self.block_size = block_size
         self.steps = steps
         self.lr = lr
+        self.learned_layers = learned_layers
         self.damp = damp
         self.dataset = dataset
         self.tokenizer = tokenizer
@@ -149,7 +159,8 @@ class PermLLMConfig(QuantizationConfigMixin):
         _check_scope(self.scope, pruned=self.converted_modules is not None)
         _check_choice("fold_permutations", self.fold_permutations, FOLDING)
         _check_positive_int("block_size", self.block_size)
-        _check_positive_int("steps", self.steps, allow_none=True)
+        _check_positive_int("steps", self.steps, allow_none=True, minimum=0)
+        _check_positive_int("learned_layers", self.learned_layers, allow_none=True)
         _check_positive_int("num_samples", self.num_samples)
         _check_positive_int("seq_len", self.seq_len)
         if not isinstance(self.seed, int):
@@ -191,8 +202,7 @@ class PermLLMConfig(QuantizationConfigMixin):
 
     def to_plan(self) -> PruningPlan:
         """The settings the pruning pipeline reads, resolved once into a frozen dataclass."""
-        learning = LearningSettings(learner=self.learner, scope=self.scope, block_size=self.block_size,
-                                    steps=self.steps, lr=self.lr, seed=self.seed)
+        learning = LearningSettings(**{name: getattr(self, name) for name in USER_SETTINGS}, seed=self.seed)
         return PruningPlan(pattern=self.pattern, metric=self.metric, damp=self.damp, permutation=self.permutation,
                            fold_permutations=self.fold_permutations,
                            modules_to_not_convert=tuple(self.modules_to_not_convert or ()), learning=learning)

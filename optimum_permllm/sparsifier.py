@@ -51,8 +51,8 @@ class PermLLMSparsifier:
         `callback(layer_index, info)` is called after each decoder layer.
         """
         config = self.config
-        plan = config.to_plan()
         _refuse_sparse(model)
+        plan = config.to_plan()
         device = check_device(device) if device is not None else None
         linears = prunable_linears(model, config.modules_to_not_convert)
         check_finite_weights(linears)

@@ -18,7 +18,7 @@ import torch
 
 from bench_learned_layers import collect, heuristic, load_model, wanda_pruned
 
-from optimum_permllm.algorithms.learned_permutation import learn_permutation
+from optimum_permllm.algorithms.learned import learn_permutation
 
 
 def row_errors(weight, gram, norms, perm) -> torch.Tensor:

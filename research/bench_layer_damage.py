@@ -60,7 +60,7 @@ def pruned_weight(weight, stats, method: str, sparsity: str, metric: str):
 
 def relative_error(dense, pruned, gram) -> float:
     """tr(D G D^T) / tr(W G W^T): the `layer` objective of one linear (the learner's own LayerObjective)."""
-    from optimum_permllm.algorithms.learned_permutation import LayerObjective
+    from optimum_permllm.algorithms.learned import LayerObjective
 
     return float(LayerObjective([dense], gram)([pruned]))
 

@@ -95,7 +95,7 @@ def wanda_pruned(weights, norms, perm, n=2, m=4) -> list[torch.Tensor]:
 
 def layer_loss(weights, gram, norms, perm, n=2, m=4) -> float:
     """Exact relative output error of the group pruned with Wanda scores in `perm` order."""
-    from optimum_permllm.algorithms.learned_permutation import LayerObjective
+    from optimum_permllm.algorithms.learned import LayerObjective
 
     return float(LayerObjective(weights, gram)(wanda_pruned(weights, norms, perm, n, m)))
 
@@ -119,8 +119,7 @@ def heads_permutation(weights, norms, width, n=2, m=4) -> torch.Tensor:
 
 def run_method(method: str, weights, gram, norms, init: torch.Tensor, args) -> torch.Tensor:
     """The permutation chosen by `method` for one group."""
-    from optimum_permllm.algorithms.learned_permutation import learn_permutation
-    from optimum_permllm.pipeline.planning import block_size_for
+    from optimum_permllm.algorithms.learned import LearningSettings, block_size_for, learn_permutation
 
     width = weights[0].shape[1]
     if method == "identity":
@@ -131,15 +130,18 @@ def run_method(method: str, weights, gram, norms, init: torch.Tensor, args) -> t
         attention_output = len(weights) == 1 and width == HEADS[0] * HEADS[2]
         return heads_permutation(weights, norms, width) if attention_output else init
     block = block_size_for(width, args.block_size, 4)
-    common = dict(metric="wanda", init_perm=init, block_size=block, seed=0)
+    settings = LearningSettings(block_size=block, seed=0)
+    common = dict(metric="wanda", init_perm=init)
     if method in ("sinkhorn", "ot"):
-        return learn_permutation(weights, gram, norms, 2, 4, method=method, steps=args.steps, refine_rounds=0, **common).perm
+        chosen = LearningSettings(learner=method, block_size=block, steps=args.steps, refine_rounds=0)
+        return learn_permutation(weights, gram, norms, 2, 4, chosen, **common).perm
     if method == "refine":
-        return learn_permutation(weights, gram, norms, 2, 4, steps=0, refine_rounds=args.refine_rounds, **common).perm
+        chosen = LearningSettings(block_size=block, steps=0, refine_rounds=args.refine_rounds)
+        return learn_permutation(weights, gram, norms, 2, 4, chosen, **common).perm
     if method == "learned":
-        return learn_permutation(weights, gram, norms, 2, 4, **common).perm
+        return learn_permutation(weights, gram, norms, 2, 4, settings, **common).perm
     if method == "learned-ot":
-        return learn_permutation(weights, gram, norms, 2, 4, method="ot", **common).perm
+        return learn_permutation(weights, gram, norms, 2, 4, LearningSettings(learner="ot", block_size=block), **common).perm
     raise ValueError(f"Unknown method {method!r}.")
 
 

@@ -20,7 +20,7 @@ import torch
 from bench_learned_layers import GROUPS, collect, load_model
 
 from optimum_permllm.algorithms.heuristic_permutation import heuristic_permutation
-from optimum_permllm.algorithms.learned_permutation import LayerObjective, learn_permutation
+from optimum_permllm.algorithms.learned import LayerObjective, learn_permutation
 from optimum_permllm.algorithms.scores import score_fn
 from optimum_permllm.sparse.nm import nm_mask
 

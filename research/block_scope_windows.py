@@ -21,14 +21,46 @@ import time
 import torch
 
 from optimum_permllm import PermLLMConfig
-from optimum_permllm.algorithms.learned_permutation import learn_permutation
+from optimum_permllm.algorithms.learned import LearningSettings, block_size_for, learn_permutation
 from optimum_permllm.data.calibration import get_calibration_data, get_evaluation_text
 from optimum_permllm.pipeline.capture import CalibrationCache, capture
-from optimum_permllm.pipeline.planning import block_size_for, plan_group
-from optimum_permllm.pipeline.scopes import ScopeObjective, cosine_loss
+from optimum_permllm.pipeline.planning import plan_group
 from optimum_permllm.pipeline.statistics import collect_statistics
 from optimum_permllm.pipeline.structure import find_decoder_layers, layer_linears
 from optimum_permllm.sparse import nm_mask
+
+
+def cosine_loss(output, target, scale):
+    """1 - cosine similarity of the last dimension averaged over tokens, every feature divided by `scale` first."""
+    output, target = output.float() / scale, target.float() / scale
+    return 1 - torch.nn.functional.cosine_similarity(output, target, dim=-1).mean()
+
+
+class ScopeObjective:
+    """The removed `block` scope: 1 - cos(the decoder layer's output with the group's candidate weights, its dense
+    output), features standardised by the dense output's per-feature RMS, on the first `windows` cached windows."""
+
+    def __init__(self, layer, index, cache, names, windows):
+        self.layer, self.names = layer, list(names)
+        self.hidden = cache.hidden[:windows]
+        self.calls = [cache.call_for(index, h) for h in self.hidden]
+        self.params = {name: p.detach() for name, p in layer.named_parameters()}
+        with torch.no_grad():
+            self.targets = [self._forward(self.params, h, c) for h, c in zip(self.hidden, self.calls)]
+        rms = torch.cat([t.float().reshape(-1, t.shape[-1]) for t in self.targets]).pow(2).mean(dim=0).sqrt()
+        self.scale = rms.clamp_min(1e-6 * float(rms.max().clamp_min(1e-30)))
+
+    def _forward(self, params, hidden, call):
+        return call.run(self.layer, hidden, params)
+
+    def __call__(self, masked_weights):
+        return torch.stack([cosine_loss(out, t, self.scale) for out, t in zip(self._outputs(masked_weights), self.targets)]).mean()
+
+    def _outputs(self, masked_weights):
+        params = dict(self.params)
+        for name, weight in zip(self.names, masked_weights):
+            params[f"{name}.weight"] = weight
+        return [self._forward(params, h, c) for h, c in zip(self.hidden, self.calls)]
 
 
 def layer_caches(model, samples, wanted):
@@ -61,11 +93,8 @@ def pruned(weights, norms, perm):
 @torch.no_grad()
 def window_losses(objective: ScopeObjective, masked) -> torch.Tensor:
     """The block-scope loss of `masked` on every window of `objective` (one scale for all windows)."""
-    params = dict(objective.params)
-    for name, w in zip(objective.names, masked):
-        params[f"{name}.weight"] = w
-    return torch.stack([cosine_loss(objective._forward(params, h), t, objective.scale)
-                        for h, t in zip(objective.hidden, objective.targets)])
+    return torch.stack([cosine_loss(out, t, objective.scale)
+                        for out, t in zip(objective._outputs(masked), objective.targets)])
 
 
 def paired(diff: torch.Tensor) -> dict:
@@ -113,8 +142,8 @@ def main():
                 start = time.perf_counter()
                 scope = ScopeObjective(layer, index, cache, group, windows=count)
                 with torch.enable_grad():
-                    result = learn_permutation(weights, gram, norms, 2, 4, init_perm=perms["heuristic"], block_size=block,
-                                               steps=args.steps, loss_fn=scope)
+                    result = learn_permutation(weights, gram, norms, 2, 4, LearningSettings(block_size=block, steps=args.steps),
+                                               init_perm=perms["heuristic"], loss_fn=scope)
                 perms[key] = result.perm
                 seconds = round(time.perf_counter() - start, 1)
             row = {"layer": index, "group": "+".join(n.split(".")[-1] for n in group),

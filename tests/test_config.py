@@ -11,13 +11,13 @@ from optimum_permllm.config import FORMAT_VERSION
 # Every field set away from its default, and the dict it must give, written out by hand: a field that
 # to_dict drops, renames or changes shows up as a difference.
 EVERY_FIELD = dict(sparsity="4:8", metric="ria", permutation="learned", learner="ot", scope="model", block_size=32,
-                   steps=10, lr=0.01, damp=0.05, dataset="wikitext", tokenizer="my/tokenizer", num_samples=16,
+                   steps=10, learned_layers=4, lr=0.01, damp=0.05, dataset="wikitext", tokenizer="my/tokenizer", num_samples=16,
                    seq_len=256, seed=3, modules_to_not_convert="o_proj", fold_permutations="all",
                    converted_modules=["model.layers.0.mlp.up_proj"],
                    permuted_norms={"model.layers.0.post_attention_layernorm": ["mlp.up_proj"]})
 EXPECTED_DICT = {
     "quant_method": "permllm", "sparsity": "4:8", "metric": "ria", "permutation": "learned", "learner": "ot",
-    "scope": "model", "block_size": 32, "steps": 10, "lr": 0.01, "damp": 0.05, "dataset": "wikitext",
+    "scope": "model", "block_size": 32, "steps": 10, "learned_layers": 4, "lr": 0.01, "damp": 0.05, "dataset": "wikitext",
     "tokenizer": "my/tokenizer", "num_samples": 16, "seq_len": 256, "seed": 3, "modules_to_not_convert": ["o_proj"],
     "fold_permutations": "all", "format_version": 1, "converted_modules": ["model.layers.0.mlp.up_proj"],
     "permuted_norms": {"model.layers.0.post_attention_layernorm": ["mlp.up_proj"]},

@@ -5,6 +5,6 @@ from .scores import magnitude_scores, ria_scores, score_fn, wanda_scores
 from .sparsegpt import sparsegpt_prune
 from .statistics import InputStatistics
 from .assignment import batched_assignment
-from .learned_permutation import BlockPermutation, LayerObjective, LearnResult, learn_permutation
+from .learned import BlockPermutation, LayerObjective, LearnResult, LearningSettings, learn_permutation
 from .sinkhorn import log_sinkhorn
 from .swap_refinement import refine_swaps

@@ -114,10 +114,17 @@ def _prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metric", default="wanda", choices=METRICS, help="which weights to keep (default: wanda)")
     parser.add_argument("--permutation", default="heuristic", choices=PERMUTATIONS,
                         help="channel permutation before pruning (default: heuristic)")
-    parser.add_argument("--learner", default="sinkhorn", choices=LEARNERS, help="for --permutation learned")
-    parser.add_argument("--scope", default="layer", choices=SCOPES, help="objective of the learned permutation")
-    parser.add_argument("--block-size", type=int, default=64, help="channels per learned permutation block")
-    parser.add_argument("--steps", type=int, default=None, help="optimisation steps of the learned permutation")
+    # the learned permutation's settings default to None here: their defaults live in LearningSettings
+    parser.add_argument("--learner", default=None, choices=LEARNERS,
+                        help="for --permutation learned: sinkhorn (PermLLM, the default) or ot")
+    parser.add_argument("--scope", default=None, choices=SCOPES,
+                        help="for --permutation learned: layer (each group alone, the default) or model (every "
+                             "group of the learned layers together, PermLLM as published)")
+    parser.add_argument("--block-size", type=int, default=None, help="channels per learned permutation block (64)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimisation steps of the learned permutation (default: the scope's)")
+    parser.add_argument("--learned-layers", type=int, default=None,
+                        help="only the last N decoder layers learn their permutation (default: all)")
     parser.add_argument("--damp", type=float, default=0.01,
                         help="SparseGPT and lsq dampening (default: 0.01; raise it if the Hessian is not positive definite)")
     parser.add_argument("--dataset", default=None,
@@ -183,10 +190,11 @@ def run_prune(args) -> int:
     from ..saving import save_pretrained
     from ..sparsifier import PermLLMSparsifier
 
+    learning = {name: getattr(args, name) for name in ("learner", "scope", "block_size", "steps", "learned_layers")
+                if getattr(args, name) is not None}
     config = PermLLMConfig(sparsity=args.sparsity, metric=args.metric, permutation=args.permutation,
-                           learner=args.learner, scope=args.scope, block_size=args.block_size, steps=args.steps,
                            damp=args.damp, dataset=args.dataset, num_samples=args.num_samples, seq_len=args.seq_len,
-                           seed=args.seed)
+                           seed=args.seed, **learning)
     model, tokenizer = _load_dense(args)
     PermLLMSparsifier(config).sparsify_model(model, tokenizer, progress=not args.quiet)
     if not args.quiet:

@@ -204,8 +204,9 @@ def _permutation_details(config: PermLLMConfig) -> str:
         return "none"
     text = config.permutation
     if config.permutation == "learned":
+        layers = "" if config.learned_layers is None else f", learned_layers={config.learned_layers}"
         text += (f" (learner={config.learner}, scope={config.scope}, block_size={config.block_size}, "
-                 f"steps={config.steps or 'default'}, lr={config.lr or 'default'})")
+                 f"steps={'default' if config.steps is None else config.steps}, lr={config.lr or 'default'}{layers})")
     folding = {"all": "all (attention outputs permuted inside heads)", True: "where exact", False: "none"}
     return text + f"; folded: {folding[config.fold_permutations]}"
 

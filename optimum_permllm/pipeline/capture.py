@@ -26,12 +26,14 @@ class LayerCall:
     kwargs: dict
     hidden_in_kwargs: bool
 
-    def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """Run `layer` on `hidden` with the recorded arguments; return its output hidden states."""
+    def run(self, layer: nn.Module, hidden: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Run `layer` on `hidden` with the recorded arguments; return its output hidden states. `params`
+        (every parameter of `layer` by name, some substituted) runs it through torch.func.functional_call."""
         if self.hidden_in_kwargs:
-            out = layer(*self.args, **{**self.kwargs, "hidden_states": hidden})
+            args, kwargs = self.args, {**self.kwargs, "hidden_states": hidden}
         else:
-            out = layer(hidden, *self.args[1:], **self.kwargs)
+            args, kwargs = (hidden, *self.args[1:]), self.kwargs
+        out = layer(*args, **kwargs) if params is None else torch.func.functional_call(layer, params, args, kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
 

@@ -1,4 +1,5 @@
-"""Layer-parallel permutation learning: independent problems split across torch.distributed ranks.
+"""Work across torch.distributed ranks: independent problems split round robin (layer-parallel planning), and
+the sums of data-parallel training (the `model` scope).
 
 Rank r solves the problems r, r + world, r + 2 world, ... and every rank all-gathers every result, so
 all ranks end with the same list as one process would compute (each problem is deterministic for its
@@ -50,3 +51,20 @@ def _to_cpu(value):
         for name in value.__dataclass_fields__:
             setattr(value, name, _to_cpu(getattr(value, name)))
     return value
+
+
+def rank_and_world(group=None) -> tuple[int, int]:
+    """(this process's rank, number of ranks); (0, 1) without an initialised process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def all_reduce_sum_(tensors: Sequence[torch.Tensor], group=None) -> None:
+    """Sum `tensors` in place over all ranks (one flat all-reduce); nothing to do in one process."""
+    if not is_distributed() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        tensor.copy_(part.view_as(tensor))

@@ -233,7 +233,14 @@ def _set_input_perms(modules: list[PermutedSparseLinear], perm: torch.Tensor) ->
         module.set_input_perm(perm)
 
 
+# A fold only reorders sums, so an exact fold differs by rounding: on Gemma 3 270M in float32 up to 11 eps of the
+# output's largest value, a wrong fold by at least 1.6e5 eps (research/FINDINGS.md). 1e-5 (84 float32 eps) sits
+# between; half-precision outputs keep 8 of their own eps.
+FOLD_TOLERANCE = 1e-5
+
+
 def _same_output(output: torch.Tensor, reference: torch.Tensor) -> bool:
+    """The layer's output after a fold equals the reference within rounding (FOLD_TOLERANCE of its largest value)."""
     scale = reference.abs().max().clamp_min(1e-6)
-    tolerance = 8 * torch.finfo(reference.dtype).eps * scale
+    tolerance = max(8 * torch.finfo(reference.dtype).eps, FOLD_TOLERANCE) * scale
     return bool(((output - reference).abs().max() <= tolerance).item())

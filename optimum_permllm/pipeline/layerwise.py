@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 from ..nn.permuted_sparse_linear import PermutedSparseLinear
 from .capture import CalibrationCache, capture
 from .distributed import map_across_ranks
-from .offload import check_offload, execution_device, offload_hooks, on_device
+from .joint_training import JointResult, learn_jointly, prepare_training
+from .offload import check_offload, execution_device, on_device, on_device_together
 from .permutations import PERMUTATIONS
 from .plan import PruningPlan
-from .planning import GroupPlan, learn_group_permutation, plan_group
+from .planning import GroupPlan, plan_group
 from .preflight import check_finite_inputs, warn_few_tokens
 from .statistics import collect_statistics, split_groups
 from .structure import attention_heads, find_decoder_layers, layer_linears, set_submodule
@@ -42,13 +43,17 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor | None, plan: Pru
     `samples` are the calibration token ids [num_samples, seq_len]; None for a plan that reads no calibration
     data (`plan.needs_calibration` False: magnitude pruning without a permutation), which prunes each linear on
     its own weights.
+
+    With the `model` scope, the permutations of the learned layers are first trained jointly
+    (joint_training.py) once the layers before them are pruned, with all the learned layers held on `device`;
+    the layers are then pruned in order with those permutations fixed.
     """
     prefix, layers = find_decoder_layers(model)
     check_offload(model, prefix, layers)
     model_device = execution_device(layers) or next(model.parameters()).device
     device = torch.device(device) if device is not None else model_device
     _check_samples(samples, model, plan)
-    _check_model_scope(plan, layers, device)
+    learned = plan.learned_layers(len(layers))
     if samples is not None:
         warn_few_tokens(layer_linears(layers[0], plan.modules_to_not_convert), plan, samples.numel())
     heads = attention_heads(getattr(model, "config", None))
@@ -57,16 +62,26 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor | None, plan: Pru
         cache = None if samples is None else capture(model, layers, samples, batch_size, model_device)
         if cache is not None and device != model_device:
             cache = cache.to(device)
+        targets = None
+        if plan.joint and len(learned):
+            targets = prepare_training(model, layers, samples, cache, plan, model_device, device)
+        joint: JointResult | None = None
         bar = tqdm(range(len(layers)), desc="permllm: pruning layers", disable=not progress, unit="layer")
         for index in bar:
             start = time.perf_counter()
+            if targets is not None and index == learned.start:
+                with on_device_together(layers[index:], device):  # the learned layers run at every step
+                    joint = learn_jointly(layers, index, cache, targets, plan, prefix, progress)
+                targets = None
             layer = layers[index]
+            layer_plan, fixed = _layer_plan(plan, index, learned, joint)
             with on_device(layer, device):  # an accelerate-offloaded layer is loaded, then written back
-                names, info = _sparsify_layer(layer, index, cache, plan, f"{prefix}.{index}",
-                                              layers[index + 1:], heads)
+                names, info = _sparsify_layer(layer, index, cache, layer_plan, f"{prefix}.{index}", heads, fixed)
                 if cache is not None:
                     cache.hidden = [cache.call_for(index, h).run(layer, h) for h in cache.hidden]
             converted += names
+            if joint is not None and index == learned.start:
+                info["joint"] = joint.info
             info["seconds"] = time.perf_counter() - start
             bar.set_postfix_str(_postfix(info))
             logger.info("layer %d: %s", index, _summary(info))
@@ -75,22 +90,39 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor | None, plan: Pru
     return converted
 
 
+def _layer_plan(plan: PruningPlan, index: int, learned: range, joint: JointResult | None):
+    """The plan of one decoder layer and the permutations fixed for its groups (or None): layers that do not
+    learn, and every layer when the joint training kept the heuristic start, take the heuristic permutation."""
+    if not plan.learns:
+        return plan, None
+    if index not in learned:
+        return plan.heuristic(), None
+    if not plan.joint:
+        return plan, None
+    if joint is None or joint.perms is None:
+        return plan.heuristic(), None
+    return plan, joint.perms[index]
+
+
 @torch.no_grad()
 def _sparsify_layer(layer: nn.Module, index: int, cache: CalibrationCache | None, plan: PruningPlan,
-                    qualified: str, later_layers=(), heads=None) -> tuple[list[str], dict]:
-    """Prune one decoder layer in place; returns the converted names and what was decided per group."""
+                    qualified: str, heads=None, fixed: dict | None = None) -> tuple[list[str], dict]:
+    """Prune one decoder layer in place; returns the converted names and what was decided per group.
+    `fixed` {group (linear names): permutation} prunes those groups in a permutation chosen beforehand."""
     linears = layer_linears(layer, plan.modules_to_not_convert, layer_name=qualified)
     for name, linear in linears.items():
         plan.pattern.check_width(linear.in_features, f"{qualified}.{name}.in_features")
     stats, groups = _groups(layer, index, cache, linears, plan, qualified)
-    learn = _learner(plan, layer, index, cache, later_layers)
     head_shaped = _head_shaped_groups(layer, heads, groups, plan)
+    if fixed is not None and set(fixed) != set(map(tuple, groups)):
+        raise RuntimeError(f"{qualified}: the jointly learned permutations are for the groups {sorted(fixed)}, but "
+                           f"the layer's groups are {sorted(map(tuple, groups))}.")
 
     def plan_one(group):  # groups are independent, so under torch.distributed each rank plans a share
         weights = {name: linears[name].weight for name in group}
-        group_learn = None if learn is None else (lambda w, s, p, iw: learn(group, w, s, p, iw))
         group_heads = heads[:2] if group[0] in head_shaped else None
-        return plan_group(weights, stats[group[0]], plan, learn=group_learn, heads=group_heads)
+        perm = fixed[tuple(group)] if fixed is not None else None
+        return plan_group(weights, stats[group[0]], plan, heads=group_heads, perm=perm)
 
     decided = dict(zip(map(tuple, groups), map_across_ranks(plan_one, groups)))
     _warn_unconverged(qualified, decided)
@@ -151,20 +183,6 @@ def _replace_group(layer, linears, group, group_plan: GroupPlan, plan: PruningPl
         set_submodule(layer, name, sparse)
 
 
-def _learner(plan: PruningPlan, layer: nn.Module, index: int, cache: CalibrationCache, later_layers=()):
-    """The learned-permutation step `learn(group, weights, stats, init_perm, input_weights)`, in the planned scope."""
-    if not plan.learns:
-        return None
-
-    def learn(group, weights, stats, init_perm, input_weights):
-        from .scopes import scope_loss_fn
-
-        loss_fn = scope_loss_fn(plan.learning.scope, layer, index, cache, group, later_layers=later_layers)
-        return learn_group_permutation(weights, stats, init_perm, input_weights, plan, loss_fn)
-
-    return learn
-
-
 def _postfix(info: dict) -> str:
     """Progress-bar text: seconds per layer and, for learned permutations, the summed loss before -> after."""
     text = f"{info['seconds']:.1f}s/layer"
@@ -181,24 +199,6 @@ def _summary(info: dict) -> str:
         text = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if isinstance(v, float))
         parts.append(f"{group}[{text}]")
     return "; ".join(parts) + f" ({info.get('seconds', 0):.1f}s)"
-
-
-def _check_model_scope(plan: PruningPlan, layers, device: torch.device) -> None:
-    """The `model` scope runs every later decoder layer with its own weights at each learning step, so all of
-    them must be loaded on the pruning device: refuse offloaded layers or layers elsewhere, before any change."""
-    if not plan.learns or plan.learning.scope != "model":
-        return
-    placed = {p.device for layer in layers for p in layer.parameters()}
-    offloaded = any(offload_hooks(layer) for layer in layers)
-    elsewhere = [d for d in placed if d.type != device.type
-                 or (None not in (d.index, device.index) and d.index != device.index)]  # "cuda" is "cuda:0"
-    if offloaded or elsewhere:
-        where = ", ".join(sorted(map(str, placed))) + (" (offloaded)" if offloaded else "")
-        raise ValueError(
-            f"scope='model' runs all later decoder layers at every learning step, so the whole model must be loaded "
-            f"on the pruning device ({device}); its layers are on {where}. Load the model on that device without "
-            "offloading, or use scope='layer', which needs one layer at a time."
-        )
 
 
 def _check_samples(samples: torch.Tensor | None, model: nn.Module, plan: PruningPlan) -> None:

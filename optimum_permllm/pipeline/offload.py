@@ -12,7 +12,7 @@ any work is done.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from accelerate.hooks import AlignDevicesHook, SequentialHook, add_hook_to_module, remove_hook_from_submodules
@@ -123,6 +123,16 @@ def on_device(layer: nn.Module, device: torch.device):
         yield
     finally:
         write_back(layer, **settings)
+
+
+@contextmanager
+def on_device_together(layers, device: torch.device):
+    """Hold all of `layers` on `device` at once (what `on_device` does for one), e.g. for a training that runs them
+    at every step; each is put back when the block ends."""
+    with ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(on_device(layer, device))
+        yield
 
 
 @torch.no_grad()

@@ -48,17 +48,21 @@ def keep_order(scores: torch.Tensor, pattern: NMPattern, heads, learn, info: dic
     return identity_permutation(scores.shape[1], scores.device)
 
 
-def heuristic(scores: torch.Tensor, pattern: NMPattern, heads, learn, info: dict, timed) -> torch.Tensor:
-    """RIA's channel permutation on the scores (inside heads when `heads` is given), in blocks of LSA_BLOCK
-    groups for wide layers; records the scores it keeps."""
+def heuristic_order(scores: torch.Tensor, pattern: NMPattern, heads=None) -> torch.Tensor:
+    """RIA's channel permutation of a group's concatenated `scores` (inside heads when `heads` is given), in
+    blocks of LSA_BLOCK groups for wide layers."""
     n, m = pattern.n, pattern.m
+    if heads is not None:
+        return head_shared_permutation(scores, *heads, n, m)
+    wide = scores.shape[1] // m > 4 * LSA_BLOCK
+    return heuristic_permutation(scores, n, m, max_groups_per_lsa=LSA_BLOCK if wide else None)
+
+
+def heuristic(scores: torch.Tensor, pattern: NMPattern, heads, learn, info: dict, timed) -> torch.Tensor:
+    """`heuristic_order`, timed; records the scores it keeps."""
     with timed("permutation"):
-        if heads is not None:
-            perm = head_shared_permutation(scores, *heads, n, m)
-        else:
-            wide = scores.shape[1] // m > 4 * LSA_BLOCK
-            perm = heuristic_permutation(scores, n, m, max_groups_per_lsa=LSA_BLOCK if wide else None)
-    info["heuristic_score"] = retained_score(scores, perm, n, m)
+        perm = heuristic_order(scores, pattern, heads)
+    info["heuristic_score"] = retained_score(scores, perm, pattern.n, pattern.m)
     return perm
 
 

@@ -6,23 +6,14 @@ so they can be called (and tested) without transformers' quantization machinery.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from ..algorithms.learned.settings import LearningSettings
 from ..sparse.nm import NMPattern
 from .metrics import METRICS
 from .permutations import PERMUTATIONS
 
-
-@dataclass(frozen=True)
-class LearningSettings:
-    """How the learned permutation runs (read only when `PruningPlan.learns`)."""
-
-    learner: str = "sinkhorn"
-    scope: str = "layer"
-    block_size: int = 64
-    steps: int | None = None
-    lr: float | None = None
-    seed: int = 0
+__all__ = ["LearningSettings", "PruningPlan"]
 
 
 @dataclass(frozen=True)
@@ -49,12 +40,31 @@ class PruningPlan:
         return PERMUTATIONS[self.permutation].learns
 
     @property
+    def joint(self) -> bool:
+        """The permutations are learned jointly (the `model` scope, PermLLM as published)."""
+        return self.learns and self.learning.scope == "model"
+
+    @property
     def needs_gram(self) -> bool:
-        """The metric (`metrics.METRICS`) or the learned permutation's objective reads the input Gram matrix."""
-        return METRICS[self.metric].needs_gram or self.learns
+        """The metric (`metrics.METRICS`) or the `layer` scope's objective reads the input Gram matrix."""
+        return METRICS[self.metric].needs_gram or (self.learns and not self.joint)
 
     @property
     def needs_calibration(self) -> bool:
         """Pruning needs calibration activations: for the metric's statistics, or to choose a permutation (and
         check its folds)."""
         return METRICS[self.metric].calibrated or PERMUTATIONS[self.permutation].calibrated
+
+    def learned_layers(self, num_layers: int) -> range:
+        """The decoder layers whose permutations are learned (the last `learning.learned_layers`, or all)."""
+        if not self.learns:
+            return range(num_layers, num_layers)
+        count = self.learning.learned_layers
+        if count is not None and count > num_layers:
+            raise ValueError(f"learned_layers={count}, but the model has {num_layers} decoder layers: give at most "
+                             f"{num_layers} (or None for all).")
+        return range(num_layers - (num_layers if count is None else count), num_layers)
+
+    def heuristic(self) -> PruningPlan:
+        """This plan with the heuristic permutation (for the layers that do not learn theirs)."""
+        return replace(self, permutation="heuristic")

@@ -6,10 +6,9 @@ layer, the pruned weight and mask in permuted column order come out.
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -33,7 +32,7 @@ class GroupPlan:
 
 
 def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics | None, plan: PruningPlan,
-               learn=None, heads: tuple[int, int] | None = None) -> GroupPlan:
+               learn=None, heads: tuple[int, int] | None = None, perm: torch.Tensor | None = None) -> GroupPlan:
     """Score the group's weights once, choose its permutation on those scores as the plan's permutation choice
     does (`permutations.PERMUTATIONS`), then prune every member in that order as the plan's metric does
     (`metrics.METRICS`).
@@ -42,7 +41,8 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics | None, 
     (default: `learn_group_permutation` on the exact `layer` objective); `input_weights` is the per-input factor
     of the scores. `heads` (num_heads, num_kv_heads) restricts the heuristic permutation of an attention output
     to moves inside each head, so that it can be folded into the value projection.
-    `stats` may be None for a metric and permutation that read no calibration data.
+    `stats` may be None for a metric and permutation that read no calibration data. `perm`, when given, is the
+    permutation to prune in, chosen beforehand (the `model` scope's joint training).
     """
     metric = METRICS[plan.metric]
     info: dict = {}
@@ -60,26 +60,25 @@ def plan_group(weights: dict[str, torch.Tensor], stats: InputStatistics | None, 
         info.update(learned_info)
         return perm
 
-    perm = PERMUTATIONS[plan.permutation].choose(scores, plan.pattern, heads, learn_from, info, timed)
+    if perm is None:
+        perm = PERMUTATIONS[plan.permutation].choose(scores, plan.pattern, heads, learn_from, info, timed)
+    perm = perm.to(scores.device)
     pruned, masks = metric.prune(dense, scores, stats, perm, plan.pattern, plan.damp, info, timed)
     pruned = {name: w.to(weights[name].dtype) for name, w in pruned.items()}
     return GroupPlan(perm=perm, weights=pruned, masks=masks, info=info)
 
 
 def learn_group_permutation(weights, stats, init_perm: torch.Tensor, input_weights, plan: PruningPlan, loss_fn=None):
-    """Learn one group's permutation from `init_perm` with the plan's learner, score and budget, on the scores'
-    `input_weights` (computed once by `plan_group`); `loss_fn` None is the exact `layer` objective.
-    Returns (perm, {"init_loss", "learned_loss"})."""
-    from ..algorithms.learned_permutation import learn_permutation
+    """Learn one group's permutation from `init_perm` with the plan's learning settings (the `layer` scope's
+    learner), score and budget, on the scores' `input_weights` (computed once by `plan_group`); `loss_fn` None is
+    the exact `layer` objective. Returns (perm, {"init_loss", "learned_loss"})."""
+    from ..algorithms.learned import block_size_for, learn_permutation
 
     learning = plan.learning
-    block = block_size_for(weights[0].shape[1], learning.block_size, plan.pattern.m)
-    kwargs = {"steps": learning.steps} if learning.steps is not None else {}
+    settings = replace(learning, block_size=block_size_for(weights[0].shape[1], learning.block_size, plan.pattern.m))
     with torch.enable_grad():  # the pruning pass runs under no_grad; learning needs gradients
-        result = learn_permutation(weights, stats.gram(), input_weights, plan.pattern.n, plan.pattern.m,
-                                   metric=METRICS[plan.metric].score, method=learning.learner,
-                                   init_perm=init_perm, block_size=block, lr=learning.lr, seed=learning.seed,
-                                   loss_fn=loss_fn, **kwargs)
+        result = learn_permutation(weights, stats.gram(), input_weights, plan.pattern.n, plan.pattern.m, settings,
+                                   metric=METRICS[plan.metric].score, init_perm=init_perm, loss_fn=loss_fn)
     return result.perm, {"init_loss": result.init_loss, "learned_loss": result.best_loss}
 
 
@@ -100,13 +99,3 @@ class _PartTimer:
         if self.cuda:
             torch.cuda.synchronize()
         self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
-
-
-def block_size_for(width: int, requested: int, m: int) -> int:
-    """The largest block size <= requested that divides `width` and is a multiple of M (at least M)."""
-    size = min(requested, width)
-    while size >= m:
-        if width % size == 0 and size % m == 0:
-            return size
-        size -= 1
-    return math.gcd(width, m)

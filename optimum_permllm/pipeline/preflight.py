@@ -10,7 +10,7 @@ from torch import nn
 
 from .metrics import METRICS
 from .plan import PruningPlan
-from .planning import block_size_for
+from ..algorithms.learned.parametrisation import block_size_for
 
 logger = logging.getLogger(__name__)
 

@@ -50,3 +50,23 @@ def test_bench_pruning_driver_passes_every_option_but_the_methods_to_each_method
     spec.loader.exec_module(module)
     argv = ["--methods", "dense", "wanda+cp", "--seed", "3", "--keep-dense", "q_proj", "k_proj", "--jsonl", "x"]
     assert module._forward(argv) == ["--seed", "3", "--keep-dense", "q_proj", "k_proj", "--jsonl", "x"]
+
+
+def test_bench_pruning_joint_rows_record_the_training_and_zero_steps_give_the_heuristic(tmp_path):
+    from ..conftest import save_tiny_dense
+
+    save_tiny_dense(tmp_path / "tiny", family="llama")
+    common = ["--model", str(tmp_path / "tiny"), "--num-samples", "3", "--seq-len", "32", "--eval-windows", "2"]
+
+    def row(method, *extra):
+        return json.loads(run_script("bench_pruning.py", "--one", method, *common, *extra).strip().splitlines()[-1])
+
+    joint = row("wanda+learned-model", "--learned-layers", "1", "--steps", "2", "--joint-batch", "2")
+    assert (joint["learned_layers"], joint["joint_batch"]) == (1, 2)
+    info = joint["joint"]
+    assert (info["first_layer"], info["steps"], info["train_windows"], info["heldout_windows"]) == (1, 2, 2, 1)
+    assert len(info["heldout_history"]) == 3 and info["start_loss"] == round(info["heldout_history"][0], 6)
+    assert info["seconds_per_step"] > 0
+    unlearned = row("wanda+learned-model", "--learned-layers", "1", "--steps", "0")
+    assert unlearned["joint"]["best_step"] == 0
+    assert unlearned["perplexity"] == row("wanda+cp")["perplexity"]

@@ -85,8 +85,12 @@ def test_e2e_step_reports_prefill_decode_per_batch_and_weight_memory(dry_run):
 
 def test_layer_time_step_writes_one_line_per_method(dry_run):
     lines = [json.loads(line) for line in (dry_run / "layer_time.jsonl").read_text().splitlines()]
-    assert [line["method"] for line in lines] == ["learned", "gram", "lsq"]
+    assert [line["method"] for line in lines] == ["learned", "gram", "lsq", "joint"]
     assert lines[0]["settings"] == {"permutation": "learned", "learner": "sinkhorn", "steps": 1}
+    joint = lines[3]
+    assert joint["settings"] == {"permutation": "learned", "scope": "model", "steps": 1}
+    assert joint["joint_steps"] == 1 and joint["joint_batch"] == 1
+    assert 0 < joint["seconds_per_step"] == joint["seconds_per_step_per_layer"] <= joint["total_seconds_with_capture"]
     for line in lines:
         assert len(line["seconds_per_layer"]) == 1
         assert 0 <= line["seconds_per_layer"][0] <= line["total_seconds_with_capture"] + 0.1  # both rounded

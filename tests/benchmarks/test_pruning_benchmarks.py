@@ -61,6 +61,18 @@ def test_seed_summary_pairs_each_method_with_its_own_heuristic_on_common_seeds()
     assert any(line.startswith("| wanda+cp | 2:4 | 16 |") and "+3.00 +/- 1.00" in line for line in against)
 
 
+def test_seed_summary_keeps_joint_training_settings_apart_and_pairs_them_with_the_metrics_heuristic():
+    summary = _load("seed_summary").summary
+    rows = [{"method": "wanda+cp", "sparsity": "2:4", "num_samples": 64, "seed": s, "perplexity": p}
+            for s, p in [(0, 70.0), (1, 72.0)]]
+    for loss, values in [("cosine", (71.0, 73.0)), ("standardised", (69.0, 70.0))]:
+        rows += [{"method": "wanda+learned-model", "sparsity": "2:4", "num_samples": 64, "seed": s, "perplexity": p,
+                  "learned_layers": 6, "joint_loss": loss, "joint": {"steps": 32}} for s, p in enumerate(values)]
+    lines = {line.split("|")[1].strip(): line for line in summary(rows, None).splitlines()}
+    assert "+1.00 +/- 0.00 (2 seeds)" in lines["wanda+learned-model (last 6, cosine, 32 steps)"]
+    assert "-1.50 +/- 0.50 (2 seeds)" in lines["wanda+learned-model (last 6, standardised, 32 steps)"]
+
+
 def test_seed_summary_compares_another_field_and_skips_rows_without_it():
     summary = _load("seed_summary").summary
     rows = [{"method": m, "sparsity": "2:4", "num_samples": 64, "seed": s, "perplexity": 50.0, "kl_to_dense": kl}

@@ -310,6 +310,23 @@ def test_prune_without_permutation_saves_and_records_damp(dense_dir, tmp_path):
     assert loaded.config.quantization_config.damp == 0.2
 
 
+def test_prune_passes_the_learned_settings_and_leaves_the_rest_to_their_defaults(dense_dir, tmp_path):
+    """--scope model --learned-layers 1 --steps 0: the joint training's partial variant with no step, which prunes
+    exactly as the heuristic; settings not given keep LearningSettings' defaults in the saved config."""
+    common = ["--metric", "wanda", "--dataset", str(dense_dir / "calibration.txt"), "--num-samples", "2",
+              "--seq-len", "16", "--device", "cpu", "--quiet"]
+    assert cli.main(["prune", str(dense_dir), "--output", str(tmp_path / "joint"), "--permutation", "learned",
+                     "--scope", "model", "--learned-layers", "1", "--steps", "0", *common]) == 0
+    assert cli.main(["prune", str(dense_dir), "--output", str(tmp_path / "cp"), "--permutation", "heuristic",
+                     *common]) == 0
+    saved = json.loads((tmp_path / "joint" / "config.json").read_text())["quantization_config"]
+    assert (saved["scope"], saved["learned_layers"], saved["steps"]) == ("model", 1, 0)
+    assert (saved["learner"], saved["block_size"], saved["lr"]) == ("sinkhorn", 64, None)
+    joint = AutoModelForCausalLM.from_pretrained(tmp_path / "joint").state_dict()
+    heuristic = AutoModelForCausalLM.from_pretrained(tmp_path / "cp").state_dict()
+    assert joint.keys() == heuristic.keys() and all(torch.equal(joint[k], heuristic[k]) for k in joint)
+
+
 def _no_work(monkeypatch):
     """Make loading a model fail loudly: a refusal that comes before any work never reaches it."""
     def started(*args, **kwargs):

@@ -61,9 +61,16 @@ def test_card_describes_permutation_and_calibration_settings(sparse_model):
     sparse_model.config.quantization_config = PermLLMConfig(metric="wanda", permutation="learned", learner="ot",
                                                             scope="model", num_samples=16, seq_len=256, seed=3)
     text = hub.create_model_card(sparse_model, base_model=BASE, license="mit").text
-    assert "learned (learner=ot, scope=model, block_size=64" in text
+    assert "learned (learner=ot, scope=model, block_size=64, steps=default" in text and "learned_layers" not in text
     assert "16 sequences of 256 tokens (seed 3)" in text and "offline Wikipedia" in text
     assert "No evaluation results" in text
+
+
+def test_card_names_the_learned_layers_and_a_budget_of_zero_steps(sparse_model):
+    sparse_model.config.quantization_config = PermLLMConfig(permutation="learned", scope="model", steps=0,
+                                                            learned_layers=6)
+    text = hub.create_model_card(sparse_model, base_model=BASE, license="mit").text
+    assert "scope=model, block_size=64, steps=0, lr=default, learned_layers=6)" in text
 
 
 def test_licence_is_carried_from_the_base_model_card(sparse_model, tmp_path):

@@ -54,7 +54,8 @@ LSQ_LAYERS = 4
 
 
 def test_the_demos_default_method_saves_reloads_bit_exact_and_beats_sparsegpt_on_the_calibration_data(smollm2, tmp_path):
-    from optimum_permllm import demo, save_pretrained
+    from optimum_permllm import save_pretrained
+    from optimum_permllm.commands import demo
     from optimum_permllm.data.calibration import get_calibration_data
 
     defaults = demo.build_parser().parse_args([])

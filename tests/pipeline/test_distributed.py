@@ -1,7 +1,9 @@
-"""Layer-parallel learning across two gloo ranks gives exactly the single-process permutations."""
+"""Two gloo ranks give the single-process permutations: layer-parallel learning (`layer` scope) exactly, and
+the data-parallel joint training (`model` scope) with the same global batch. One spawn serves both tests."""
 
 import os
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,12 +23,31 @@ def _config():
     return PermLLMConfig(permutation="learned", steps=2, block_size=32)
 
 
-def _ids():
-    return torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+def _joint_plan():
+    plan = PermLLMConfig(permutation="learned", scope="model", steps=6, block_size=32).to_plan()
+    return replace(plan, learning=replace(plan.learning, batch_size=4, micro_batch=1))
+
+
+def _ids(batch=2):
+    return torch.randint(0, 128, (batch, 16), generator=torch.Generator().manual_seed(0))
 
 
 def _perms(model):
     return {name: buf.clone() for name, buf in model.named_buffers() if name.endswith("input_perm")}
+
+
+def _prune_layer_scope():
+    model = tiny_model("llama")
+    sparsify_layerwise(model, _ids(), _config().to_plan(), progress=False)
+    return _perms(model)
+
+
+def _prune_joint():
+    """Prune a tiny model with the `model` scope; returns its permutations and the joint training's info."""
+    model, infos = tiny_model("llama"), []
+    sparsify_layerwise(model, _ids(batch=9), _joint_plan(), progress=False,
+                       callback=lambda index, info: infos.append(info.get("joint")))
+    return _perms(model), infos[0]
 
 
 def _worker(rank, world, port, folder):
@@ -35,10 +56,10 @@ def _worker(rank, world, port, folder):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         owners = map_across_ranks(lambda item: (item, dist.get_rank()), list(range(5)))
-        model = tiny_model("llama")
-        sparsify_layerwise(model, _ids(), _config().to_plan(), progress=False)
-        torch.save({"owners": owners, "perms": _perms(model), "distributed": is_distributed()},
-                   os.path.join(folder, f"rank{rank}.pt"))
+        perms = _prune_layer_scope()
+        joint_perms, joint_info = _prune_joint()
+        torch.save({"owners": owners, "perms": perms, "distributed": is_distributed(), "joint_perms": joint_perms,
+                    "joint_info": joint_info}, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -49,15 +70,31 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_ranks_learn_the_same_permutations_as_one_process(tmp_path, one_thread):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    single = tiny_model("llama")
-    sparsify_layerwise(single, _ids(), _config().to_plan(), progress=False)
-    expected = _perms(single)
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What each of two gloo ranks computed."""
+    folder = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_worker, args=(2, _free_port(), str(folder)), nprocs=2, join=True)
+    return [torch.load(folder / f"rank{rank}.pt") for rank in range(2)]
+
+
+def test_two_ranks_learn_the_same_permutations_as_one_process(ranks, one_thread):
+    expected = _prune_layer_scope()
     assert expected and not is_distributed()
-    for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
+    for result in ranks:
         assert result["distributed"]
         assert result["owners"] == [(i, i % 2) for i in range(5)]  # round robin, gathered in order
         assert result["perms"].keys() == expected.keys()
         assert all(torch.equal(result["perms"][k], expected[k]) for k in expected)
+
+
+def test_two_ranks_train_jointly_as_one_process_with_the_same_global_batch(ranks, one_thread):
+    perms, info = _prune_joint()
+    assert info["best_step"] > 0  # learned permutations, not the heuristic fallback
+    for result in ranks:
+        assert result["joint_perms"].keys() == perms.keys()
+        assert all(torch.equal(result["joint_perms"][k], perms[k]) for k in perms)
+        assert result["joint_info"]["best_step"] == info["best_step"]
+        # each rank runs half of every batch and of the held-out windows; the sums agree to rounding
+        for key in ("train_losses", "heldout_history"):
+            assert result["joint_info"][key] == pytest.approx(info[key], rel=1e-5)

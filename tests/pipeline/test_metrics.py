@@ -49,7 +49,7 @@ def test_a_new_metric_is_one_entry(monkeypatch):
 def test_the_learned_permutation_reuses_the_groups_scores(monkeypatch):
     """lsq's OBS weights (a Cholesky of the Gram matrix) are computed once per group, and the learner ranks
     with the very weights the heuristic start used."""
-    import optimum_permllm.algorithms.learned_permutation as learned
+    import optimum_permllm.algorithms.learned as learned
 
     weights, stats, _ = _random_group(seed=2)
     gram = stats.gram()

@@ -5,7 +5,7 @@ import torch
 
 from optimum_permllm import PermLLMConfig, PermLLMSparsifier
 from optimum_permllm.algorithms import sparsegpt
-from optimum_permllm.pipeline import folding, layerwise
+from optimum_permllm.pipeline import folding, layerwise, planning
 
 from ..conftest import tiny_model
 from ..data.tiny_text import SENTENCES, tiny_tokenizer
@@ -124,7 +124,7 @@ def test_sparsegpt_failure_names_the_damp_setting_and_restores_the_model(tokeniz
 
 
 def test_block_size_that_does_not_divide_a_layer_is_reported(tokenizer, caplog, monkeypatch):
-    monkeypatch.setattr(layerwise, "learn_group_permutation", lambda w, s, p, iw, c, loss_fn=None: (p, {}))
+    monkeypatch.setattr(planning, "learn_group_permutation", lambda w, s, p, iw, c, loss_fn=None: (p, {}))
     model = tiny_model("llama", vocab=len(tokenizer))
     with caplog.at_level("WARNING"):
         _prune(model, tokenizer, metric="wanda", permutation="learned", block_size=48)

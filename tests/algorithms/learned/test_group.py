@@ -1,19 +1,23 @@
 """Learned block permutations: conventions, straight-through values, the exact layer objective,
 the membership gradient, best tracking, determinism, and a quality check against the heuristic."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from optimum_permllm.algorithms import learned_permutation as lp
 from optimum_permllm.algorithms.assignment import assignment_matrix
 from optimum_permllm.algorithms.heuristic_permutation import heuristic_permutation
-from optimum_permllm.algorithms.learned_permutation import (
+from optimum_permllm.algorithms.learned import (
     BlockPermutation,
     LayerObjective,
+    LearningSettings,
     learn_permutation,
     soft_nm_mask,
     straight_through,
 )
+from optimum_permllm.algorithms.learned import masks, parametrisation
+from optimum_permllm.algorithms.sinkhorn import log_sinkhorn
 from optimum_permllm.algorithms.scores import wanda_scores
 from optimum_permllm.sparse.nm import check_nm, nm_mask
 from optimum_permllm.sparse.permutation import check_permutation
@@ -70,9 +74,9 @@ def test_learning_ignores_the_scale_of_each_layer():
     # q*c with k/c, or up*c with down/c, is the same model: the learned permutation must not change.
     weights, x, gram, norms = make_group(channels=64, outs=(48, 16), seed=4)
     init = heuristic_permutation(_group_scores(weights, norms), 2, 4)
-    plain = learn_permutation(weights, gram, norms, 2, 4, init_perm=init, block_size=32, steps=3, refine_rounds=3)
+    plain = learn_permutation(weights, gram, norms, 2, 4, LearningSettings(block_size=32, steps=3, refine_rounds=3), init_perm=init)
     scaled = [weights[0] * 8, weights[1] / 4]  # powers of two: the scaled arithmetic is exact
-    again = learn_permutation(scaled, gram, norms, 2, 4, init_perm=init, block_size=32, steps=3, refine_rounds=3)
+    again = learn_permutation(scaled, gram, norms, 2, 4, LearningSettings(block_size=32, steps=3, refine_rounds=3), init_perm=init)
     assert torch.equal(plain.perm, again.perm)
     assert again.best_loss == pytest.approx(plain.best_loss, rel=1e-5)
 
@@ -97,7 +101,7 @@ def test_block_convention_matches_package_perm():
     module = BlockPermutation(16, 8, torch.randperm(16, generator=torch.Generator().manual_seed(3)))
     slots = torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(s)) for s in (4, 5)])
     w = torch.randn(5, 16)
-    permuted = lp.from_blocks(torch.bmm(lp.to_blocks(w[:, module.init_perm], 8), assignment_matrix(slots)))
+    permuted = parametrisation.from_blocks(torch.bmm(parametrisation.to_blocks(w[:, module.init_perm], 8), assignment_matrix(slots)))
     perm = module.perm_from_blocks(slots)
     check_permutation(perm, 16)
     assert torch.equal(permuted, w[:, perm])
@@ -113,7 +117,7 @@ def test_straight_through_gradient_goes_to_the_soft_blocks():
     assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
     # the weight gradient equals the soft path's gradient pulled back through the logits
     logits = module.logits().detach().requires_grad_(True)
-    (lp.log_sinkhorn(logits / 0.5, 5).exp() * target).sum().backward()
+    (log_sinkhorn(logits / 0.5, 5).exp() * target).sum().backward()
     torch.testing.assert_close(module.weight.grad, logits.grad * module.scale.detach())
 
 
@@ -146,7 +150,7 @@ def test_membership_mask_forward_and_gradient_against_dense_reference():
     slots = torch.stack([torch.randperm(8, generator=g) for _ in range(2)])
     blocks = assignment_matrix(slots).requires_grad_(True)
     order = torch.argsort(scores, dim=-1)
-    mask = lp._MembershipMask.apply(blocks, slots, scores, order, 2, 4, 0.5)
+    mask = masks._MembershipMask.apply(blocks, slots, scores, order, 2, 4, 0.5)
     permuted = torch.bmm(scores, assignment_matrix(slots))
     expected = torch.bmm(nm_mask(permuted, 2, 4).float(), assignment_matrix(slots).transpose(1, 2))
     assert torch.equal(mask, expected)
@@ -161,7 +165,7 @@ def test_membership_mask_forward_and_gradient_against_dense_reference():
 def test_result_is_valid_exact_and_never_worse_than_init(method):
     weights, x, gram, norms = make_group(seed=2)
     init = torch.randperm(32, generator=torch.Generator().manual_seed(7))
-    result = learn_permutation(weights, gram, norms, 2, 4, method=method, init_perm=init, block_size=16, steps=8)
+    result = learn_permutation(weights, gram, norms, 2, 4, LearningSettings(learner=method, block_size=16, steps=8), init_perm=init)
     check_permutation(result.perm, 32)
     assert result.init_loss == pytest.approx(mean_token_loss(weights, x, init, norms), rel=1e-4)
     assert result.best_loss == pytest.approx(mean_token_loss(weights, x, result.perm, norms), rel=1e-4)
@@ -171,7 +175,7 @@ def test_result_is_valid_exact_and_never_worse_than_init(method):
 
 def test_deterministic_for_a_seed():
     weights, _, gram, norms = make_group(seed=3)
-    first, second = (learn_permutation(weights, gram, norms, 2, 4, block_size=16, steps=6, seed=5) for _ in range(2))
+    first, second = (learn_permutation(weights, gram, norms, 2, 4, LearningSettings(block_size=16, steps=6, seed=5)) for _ in range(2))
     assert torch.equal(first.perm, second.perm) and first.history == second.history
 
 
@@ -184,10 +188,8 @@ def test_custom_loss_gets_pruned_weights_in_original_order_and_callback_can_stop
         seen.append([w.detach().clone() for w in masked])
         return sum((w - m).pow(2).sum() for w, m in zip(weights, masked))
 
-    result = learn_permutation(
-        weights, None, norms, 2, 4, init_perm=init, block_size=16, steps=20, loss_fn=loss_fn,
-        callback=lambda step, loss, best: step == 2,
-    )
+    result = learn_permutation(weights, None, norms, 2, 4, LearningSettings(block_size=16, steps=20), init_perm=init,
+                               loss_fn=loss_fn, callback=lambda step, loss, best: step == 2)
     for got, w in zip(seen[0], weights):
         assert torch.equal(got, pruned(w, init, norms))
     assert len(result.history) == 4  # steps 0, 1, 2, then the final hardened permutation
@@ -198,16 +200,17 @@ def test_a_scope_objective_is_searched_on_its_own_and_never_by_the_gram_swap_pol
     weights, _, gram, norms = make_group(channels=64, outs=(48, 16), seed=4)
     _, _, other_gram, _ = make_group(channels=64, outs=(48, 16), seed=9)
     init = heuristic_permutation(_group_scores(weights, norms), 2, 4)
-    common = dict(init_perm=init, block_size=32, refine_rounds=6)
+    settings = LearningSettings(block_size=32, refine_rounds=6, steps=0)
     # Without a scope, the polish lowers the Gram objective well below its initialisation ...
-    polished = learn_permutation(weights, gram, norms, 2, 4, steps=0, **common)
+    polished = learn_permutation(weights, gram, norms, 2, 4, settings, init_perm=init)
     assert polished.best_loss < 0.9 * polished.init_loss  # measured 0.82 (0.82-0.88 on seeds 0-2, 4)
     # ... but under a scope that agrees with that objective, no step means no search: the init is kept.
-    agreeing = learn_permutation(weights, gram, norms, 2, 4, steps=0, loss_fn=LayerObjective(weights, gram), **common)
+    agreeing = learn_permutation(weights, gram, norms, 2, 4, settings, init_perm=init, loss_fn=LayerObjective(weights, gram))
     assert torch.equal(agreeing.perm, init) and agreeing.history == [agreeing.init_loss]
     # With learning steps, the result depends on the scope objective only, not on the Gram matrix passed.
     scope = LayerObjective(weights, other_gram)
-    runs = [learn_permutation(weights, g, norms, 2, 4, steps=8, loss_fn=scope, **common) for g in (gram, other_gram)]
+    runs = [learn_permutation(weights, g, norms, 2, 4, replace(settings, steps=8), init_perm=init, loss_fn=scope)
+            for g in (gram, other_gram)]
     assert torch.equal(runs[0].perm, runs[1].perm) and runs[0].history == runs[1].history
     assert runs[0].best_loss == pytest.approx(float(scope([pruned(w, runs[0].perm, norms) for w in weights])), rel=1e-5)
 
@@ -217,7 +220,7 @@ def test_quality_beats_identity_and_heuristic_on_correlated_inputs():
     scores = torch.cat([wanda_scores(w, norms) for w in weights])
     init = heuristic_permutation(scores, 2, 4)
     identity_loss = mean_token_loss(weights, x, torch.arange(128), norms)
-    result = learn_permutation(weights, gram, norms, 2, 4, init_perm=init, steps=40)
+    result = learn_permutation(weights, gram, norms, 2, 4, LearningSettings(steps=40), init_perm=init)
     assert result.init_loss == pytest.approx(mean_token_loss(weights, x, init, norms), rel=1e-4)
     # Measured 0.87 of the better start here (0.86-0.87 on seeds 0-2), mostly from the swap polish (0.88 with no
     # Sinkhorn step, 0.98 with the Sinkhorn steps alone): 0.92 holds with room for the seed and fails if the
@@ -228,14 +231,14 @@ def test_quality_beats_identity_and_heuristic_on_correlated_inputs():
 
 def test_rejects_bad_arguments():
     weights, _, gram, norms = make_group()
-    with pytest.raises(ValueError, match="method"):
-        learn_permutation(weights, gram, norms, 2, 4, method="genetic", block_size=16)
+    with pytest.raises(ValueError, match="learner='genetic' is not supported"):
+        learn_permutation(weights, gram, norms, 2, 4, LearningSettings(learner="genetic", block_size=16))
     with pytest.raises(ValueError, match="multiple of M"):
-        learn_permutation(weights, gram, norms, 2, 4, block_size=2)
+        learn_permutation(weights, gram, norms, 2, 4, LearningSettings(block_size=2))
     with pytest.raises(ValueError, match="Gram"):
-        learn_permutation(weights, None, norms, 2, 4, block_size=16)
+        learn_permutation(weights, None, norms, 2, 4, LearningSettings(block_size=16))
     with pytest.raises(ValueError, match="optimizer"):
-        learn_permutation(weights, gram, norms, 2, 4, block_size=16, optimizer="sgd")
+        learn_permutation(weights, gram, norms, 2, 4, LearningSettings(block_size=16, optimizer="sgd"))
 
 
 def test_straight_through_forward_is_bit_exact():
@@ -305,6 +308,6 @@ def test_refinement_takes_the_brute_force_best_swap_and_stops_at_a_swap_local_op
 def test_learned_permutation_with_refinement_beats_the_heuristic_init():
     weights, x, gram, norms = make_group(channels=64, outs=(48, 16), seed=4)
     init = heuristic_permutation(_group_scores(weights, norms), 2, 4)
-    result = learn_permutation(weights, gram, norms, 2, 4, init_perm=init, block_size=32, steps=2, refine_rounds=6)
+    result = learn_permutation(weights, gram, norms, 2, 4, LearningSettings(block_size=32, steps=2, refine_rounds=6), init_perm=init)
     assert result.best_loss < 0.9 * result.init_loss  # measured 0.82 (0.82-0.88 on seeds 0-2, 4)
     assert result.best_loss == pytest.approx(mean_token_loss(weights, x, result.perm, norms), rel=1e-4)
