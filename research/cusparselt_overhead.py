@@ -11,28 +11,23 @@ the host (plan set-up per call), which a cached plan or graph capture would remo
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.sparse import to_sparse_semi_structured
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_linear  # noqa: E402  (the benchmarks' timer, so both measure alike)
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 TOKENS = [16, 2048, 8192]
 
 
 def time_ms(fn, repeats: int = 20, inner: int = 5) -> float:
-    """Median ms per call, CUDA events around `inner` calls."""
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / inner)
-    return sorted(samples)[len(samples) // 2]
+    """Median ms per call, CUDA events around `inner` calls (bench_linear's timer)."""
+    return bench_linear.time_ms(fn, torch.device("cuda"), warmup=3, repeats=repeats, inner=inner)
 
 
 def graph_ms(fn) -> float:
