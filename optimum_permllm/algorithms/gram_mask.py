@@ -5,8 +5,9 @@ G = X^T X / n. Wanda keeps the largest |w_j| * sqrt(G_jj) in every group, which 
 diagonal part of that error; pruned weights whose inputs are correlated can cancel or add up. Here each
 row's mask is improved by exact coordinate descent over its N:M groups: for one group at a time, every
 way of keeping N of its M weights is scored exactly given the rest of the row, and the best is taken.
-Rows are independent, so all rows move together. Weight values are never changed (no update), so the
-cost stays in Wanda's class: a few sweeps, each about one [rows, C] x [C, C] product.
+Rows are independent, so all rows move together, and a row that a sweep leaves unchanged is done. Weight
+values are never changed (no update), so the cost stays small: a few sweeps, each about one and a half
+[rows, C] x [C, C] products over the rows still moving.
 
 The error is taken on G + mu * diag(G): a `mu` above 0 weighs the diagonal part more than the
 cancellations between pruned weights, which are fitted to the calibration text and carry less to
@@ -27,6 +28,8 @@ DEFAULT_MU = 0.3
 DEFAULT_SWEEPS = 8
 # A group's mask changes only if that lowers the row's error by more than this fraction of it (float noise).
 _STRICT = 1e-6
+# Columns per block of the lazy updates of the running products (GPTQ's block size).
+_BLOCK_COLUMNS = 128
 
 
 def keep_options(n: int, m: int, device=None) -> torch.Tensor:
@@ -62,47 +65,64 @@ def gram_mask(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, n: i
                          f"got {tuple(weight.shape)}, {tuple(keep.shape)}, {tuple(gram.shape)}.")
     w = weight.float()
     g = robust_gram(gram, mu).to(w.device)
-    keep = keep.clone()
     options = keep_options(n, m, w.device)
-    for _ in range(sweeps):
-        if not _sweep(w, g, keep, options, m):
-            break
-    return keep
-
-
-def _sweep(w: torch.Tensor, g: torch.Tensor, keep: torch.Tensor, options: torch.Tensor, m: int) -> bool:
-    """One pass of exact coordinate descent over the N:M groups, updating `keep` in place; True if it changed.
-
-    A row's error as a function of one group's pruned part d_g is 2 d_g . p_rest + d_g G_gg d_g, where p_rest is
-    the pull of the rest of the row; the quadratic parts of every option of every group are computed at once
-    up front, so the loop over groups only adds the linear part."""
-    rows, width = w.shape
     dropped = (~options).to(w.dtype)  # [K, m]
-    d = w.masked_fill(keep, 0)
-    p = d @ g  # each row's error gradient / 2, recomputed every sweep and kept up to date within it
-    scale = _STRICT * (d * p).sum(1)  # the smallest change that counts, per row
     blocks = _diagonal_blocks(g, m)  # [groups, m, m]
     quadratic = _option_quadratics(w, blocks, dropped)  # [rows, groups, K]
-    current = _option_index(keep, options, m)  # [rows, groups]
-    changed = False
-    for group in range(width // m):
-        cols = slice(group * m, group * m + m)
-        w_g, d_g = w[:, cols], d[:, cols]
-        p_rest = p[:, cols] - d_g @ blocks[group]  # the rest of the row's pull on this group
-        cost = 2 * (w_g * p_rest) @ dropped.T + quadratic[:, group]  # [rows, K]
-        best_cost, best = cost.min(-1)
-        gain = cost.gather(1, current[:, group:group + 1]).squeeze(1) - best_cost
-        moves = gain > scale
-        if not bool(moves.any()):
-            continue
-        changed = True
-        choice = torch.where(moves, best, current[:, group])
-        new = w_g * dropped[choice]
-        p += (new - d_g) @ g[cols, :]  # rows that did not move add zero: cheaper than gathering the rows that did
-        d[:, cols] = new
-        keep[:, cols] = options[choice]
-        current[:, group] = choice
-    return changed
+    current = _option_index(keep, options, m)  # [rows, groups]: which option each group keeps
+    # Rows are independent, and a row that a whole sweep left unchanged is at a fixed point of the descent:
+    # every sweep after the first visits only the rows that the one before moved.
+    moving = torch.arange(w.shape[0], device=w.device)
+    for _ in range(sweeps):
+        if moving.numel() == 0:
+            break
+        rows_current, moved = _sweep(w[moving], g, blocks, dropped, quadratic[moving], current[moving].clone())
+        current[moving] = rows_current
+        moving = moving[moved]
+    return options[current].reshape(w.shape)
+
+
+def _sweep(w: torch.Tensor, g: torch.Tensor, blocks: torch.Tensor, dropped: torch.Tensor, quadratic: torch.Tensor,
+           current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of exact coordinate descent over the N:M groups of the rows of `w`, from the options `current`;
+    returns the new options (updated in place) and which rows moved.
+
+    A row's error as a function of one group's pruned part d_g is 2 d_g . p_rest + d_g G_gg d_g, where p_rest is
+    the pull of the rest of the row; the quadratic parts of every option of every group (`quadratic`) are
+    computed once up front, so the loop over groups only adds the linear part. The pulls are kept current
+    lazily, as GPTQ applies its updates: a move updates at once only the pulls of the columns left in its block
+    of `_BLOCK_COLUMNS`, and each block's moves reach the later columns in one product when the block ends."""
+    rows, width = w.shape
+    m = dropped.shape[1]
+    d = w * dropped[current].reshape(rows, width)
+    p = d @ g  # each row's error gradient / 2, computed afresh; current for every column not yet visited
+    scale = _STRICT * (d * p).sum(1)  # the smallest change that counts, per row
+    moved = torch.zeros(rows, dtype=torch.bool, device=w.device)
+    span = m * max(1, _BLOCK_COLUMNS // m)
+    for start in range(0, width, span):
+        stop = min(start + span, width)
+        before = d[:, start:stop].clone()
+        block_changed = False
+        for group in range(start // m, stop // m):
+            cols = slice(group * m, group * m + m)
+            w_g, d_g = w[:, cols], d[:, cols]
+            p_rest = p[:, cols] - d_g @ blocks[group]  # the rest of the row's pull on this group
+            cost = 2 * (w_g * p_rest) @ dropped.T + quadratic[:, group]  # [rows, K]
+            best_cost, best = cost.min(-1)
+            gain = cost.gather(1, current[:, group:group + 1]).squeeze(1) - best_cost
+            moves = gain > scale
+            if not bool(moves.any()):
+                continue
+            block_changed = True
+            moved |= moves
+            current[:, group] = torch.where(moves, best, current[:, group])
+            new = w_g * dropped[current[:, group]]
+            later = slice(cols.stop, stop)  # rows that did not move add zero: cheaper than gathering those that did
+            p[:, later] += (new - d_g) @ g[cols, later]
+            d[:, cols] = new
+        if block_changed and stop < width:
+            p[:, stop:] += (d[:, start:stop] - before) @ g[start:stop, stop:]
+    return current, moved
 
 
 def _diagonal_blocks(g: torch.Tensor, m: int) -> torch.Tensor:

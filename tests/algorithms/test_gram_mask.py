@@ -102,17 +102,22 @@ def test_a_tie_keeps_the_start_and_the_descent_stops_after_one_sweep(monkeypatch
     assert len(sweeps) == 1
 
 
-def test_it_reaches_the_same_mask_as_a_descent_recomputed_from_scratch_at_every_group():
-    """The running products are exact: a reference that recomputes each group's costs from the whole row
-    (no running state) makes the same choices."""
+@pytest.mark.parametrize("block_columns", [8, 128])
+def test_it_reaches_the_same_mask_as_a_descent_recomputed_from_scratch_at_every_group(block_columns, monkeypatch):
+    """The running products are exact, across the lazy updates' block boundaries (8 columns: four blocks) and
+    within one block, and rows that stopped moving are left out correctly: a reference that recomputes each
+    group's costs from the whole row (no running state), every row in every sweep, makes the same choices."""
+    from optimum_permllm.algorithms import gram_mask as module
+
+    monkeypatch.setattr(module, "_BLOCK_COLUMNS", block_columns)
     gen = torch.Generator().manual_seed(5)
-    w, g = torch.randn(12, 16, generator=gen), correlated_gram(16, seed=5)
+    w, g = torch.randn(12, 32, generator=gen), correlated_gram(32, seed=5)
     start = nm_mask(w.abs(), 2, 4)
     options = keep_options(2, 4)
     reference = start.clone()
     for _ in range(8):
         changed = False
-        for group in range(4):
+        for group in range(8):
             cols = slice(4 * group, 4 * group + 4)
             for row in range(12):
                 trials = reference[row].repeat(len(options), 1)
@@ -123,4 +128,23 @@ def test_it_reaches_the_same_mask_as_a_descent_recomputed_from_scratch_at_every_
                     reference[row, cols], changed = options[costs.argmin()], True
         if not changed:
             break
-    assert torch.equal(gram_mask(w, g, start, 2, 4, mu=0.0), reference)
+    got = gram_mask(w, g, start, 2, 4, mu=0.0)
+    assert not torch.equal(reference, start)  # the descent moved, so the comparison speaks
+    assert torch.equal(got, reference)
+
+
+def test_rows_that_stop_moving_are_not_swept_again(monkeypatch):
+    """After the first sweep only the rows that moved are visited: a row already at its optimum is swept once."""
+    from optimum_permllm.algorithms import gram_mask as module
+
+    gen = torch.Generator().manual_seed(6)
+    w, g = torch.randn(10, 16, generator=gen), correlated_gram(16, seed=6)
+    settled = gram_mask(w, g, nm_mask(w.abs(), 2, 4), 2, 4, mu=0.0)
+    start = nm_mask(w.abs(), 2, 4)
+    start[:5] = settled[:5]  # rows 0-4 start at their fixed point, rows 5-9 do not
+    visited = []
+    real_sweep = module._sweep
+    monkeypatch.setattr(module, "_sweep", lambda w_rows, *a: visited.append(w_rows.shape[0]) or real_sweep(w_rows, *a))
+    keep = gram_mask(w, g, start, 2, 4, mu=0.0)
+    assert torch.equal(keep[:5], settled[:5])
+    assert visited[0] == 10 and len(visited) > 1 and all(count <= 5 for count in visited[1:])
