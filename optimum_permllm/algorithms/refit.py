@@ -122,39 +122,12 @@ def refit_kept(weight: torch.Tensor, system: DampedGram, keep: torch.Tensor, sta
     weights unchanged. The result is never worse than the start on the damped error, and each converged row's
     error is within `tolerance` (relative) of its optimum.
     """
-    rows, columns = weight.shape
-    if keep.shape != weight.shape or system.width != columns or (start is not None and start.shape != weight.shape):
-        raise ValueError("refit_kept needs weight, keep (and start) [rows, C] and a gram [C, C]; got "
-                         f"{tuple(weight.shape)}, {tuple(keep.shape)}, gram of width {system.width}.")
-    w = weight.float()
-    g, g_inverse = system.matrix.to(w.device), system.inverse.to(w.device)
-    kept = keep.to(w.device).float()
-    x = (w if start is None else start.to(w.device).float()) * kept
-    pull = (w - x) @ g
-    error = ((w - x) * pull).sum(1)
-    residual = pull * kept  # minus half the error's gradient, on the kept positions
-    z = (residual @ g_inverse) * kept
-    direction, rz = z, (residual * z).sum(1)
-    iterations = torch.zeros(rows, dtype=torch.long, device=w.device)
-    active = (rz > tolerance * error).nonzero().squeeze(1)
+    solver = _RowSolver(weight, system, keep, start, tolerance)
     for _ in range(max_iterations):
-        if active.numel() == 0:
+        if solver.active.numel() == 0:
             break
-        d, mask, rz_a = direction[active], kept[active], rz[active]
-        step = (d @ g) * mask
-        alpha = rz_a / (d * step).sum(1).clamp_min(_TINY)
-        x[active] += alpha.unsqueeze(1) * d
-        error[active] -= alpha * rz_a
-        r = residual[active] - alpha.unsqueeze(1) * step
-        z = (r @ g_inverse) * mask
-        rz_next = (r * z).sum(1)
-        direction[active] = z + (rz_next / rz_a.clamp_min(_TINY)).unsqueeze(1) * d
-        residual[active], rz[active] = r, rz_next
-        iterations[active] += 1
-        active = active[rz_next > tolerance * error[active]]
-    converged = torch.ones(rows, dtype=torch.bool, device=w.device)
-    converged[active] = False
-    return Refit(weight=x, error=error.clamp_min(0), iterations=iterations, converged=converged)
+        solver.step()
+    return solver.result()
 
 
 @torch.no_grad()
@@ -162,16 +135,86 @@ def refit_best_of(weight: torch.Tensor, system: DampedGram, keeps: list[torch.Te
                   starts: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[Refit]]:
     """Refit `weight` on every candidate mask in `keeps` (from `starts`, default the unchanged kept weights)
     and keep, per row, the candidate whose refitted row has the lowest damped output error.
-    Returns (float32 weights, bool mask, the candidates' `Refit`s)."""
+
+    The candidates are solved side by side, and a candidate's row stops as soon as it is sure to lose: its
+    error minus r^T z (a lower bound on its optimum) is above another candidate's current error. The rows
+    picked are those that refitting every candidate to its tolerance would pick; stopped rows count as
+    converged in their `Refit`. Returns (float32 weights, bool mask, the candidates' `Refit`s)."""
     if not keeps:
         raise ValueError("refit_best_of needs at least one candidate mask.")
     starts = starts or [None] * len(keeps)
-    fits = [refit_kept(weight, system, keep, start) for keep, start in zip(keeps, starts)]
+    solvers = [_RowSolver(weight, system, keep, start, TOLERANCE) for keep, start in zip(keeps, starts)]
+    for _ in range(MAX_ITERATIONS):
+        _stop_losing_rows(solvers)
+        if all(solver.active.numel() == 0 for solver in solvers):
+            break
+        for solver in solvers:
+            if solver.active.numel():
+                solver.step()
+    fits = [solver.result() for solver in solvers]
     pick = torch.stack([fit.error for fit in fits]).argmin(0)
     rows = torch.arange(weight.shape[0], device=pick.device)
     best = torch.stack([fit.weight for fit in fits])[pick, rows]
     masks = torch.stack([keep.to(pick.device) for keep in keeps])[pick, rows]
     return best, masks, fits
+
+
+def _stop_losing_rows(solvers: list[_RowSolver]) -> None:
+    """Stop every candidate's rows whose lower bound on the optimum is above the best current error of the row."""
+    if len(solvers) < 2:
+        return
+    best = torch.stack([solver.error for solver in solvers]).min(0).values
+    for solver in solvers:
+        if solver.active.numel():
+            losing = solver.error[solver.active] - solver.rz[solver.active] > best[solver.active]
+            solver.active = solver.active[~losing]
+
+
+class _RowSolver:
+    """Preconditioned conjugate gradients for every row of one mask, between iterations (see the module
+    docstring): `x` the current kept values, `error` each row's damped output error, `rz` = r^T z, which
+    bounds the error that further iterations can still remove, and `active` the rows still iterating."""
+
+    def __init__(self, weight: torch.Tensor, system: DampedGram, keep: torch.Tensor, start: torch.Tensor | None,
+                 tolerance: float):
+        rows, columns = weight.shape
+        if keep.shape != weight.shape or system.width != columns or (start is not None and start.shape != weight.shape):
+            raise ValueError("refit_kept needs weight, keep (and start) [rows, C] and a gram [C, C]; got "
+                             f"{tuple(weight.shape)}, {tuple(keep.shape)}, gram of width {system.width}.")
+        w = weight.float()
+        self.g, self.g_inverse = system.matrix.to(w.device), system.inverse.to(w.device)
+        self.kept = keep.to(w.device).float()
+        self.x = (w if start is None else start.to(w.device).float()) * self.kept
+        pull = (w - self.x) @ self.g
+        self.error = ((w - self.x) * pull).sum(1)
+        self.residual = pull * self.kept  # minus half the error's gradient, on the kept positions
+        z = (self.residual @ self.g_inverse) * self.kept
+        self.direction, self.rz = z, (self.residual * z).sum(1)
+        self.iterations = torch.zeros(rows, dtype=torch.long, device=w.device)
+        self.tolerance = tolerance
+        self.active = (self.rz > tolerance * self.error).nonzero().squeeze(1)
+
+    def step(self) -> None:
+        """One iteration on the active rows; rows within the tolerance of their optimum stop."""
+        active = self.active
+        d, mask, rz = self.direction[active], self.kept[active], self.rz[active]
+        step = (d @ self.g) * mask
+        alpha = rz / (d * step).sum(1).clamp_min(_TINY)
+        self.x[active] += alpha.unsqueeze(1) * d
+        self.error[active] -= alpha * rz
+        r = self.residual[active] - alpha.unsqueeze(1) * step
+        z = (r @ self.g_inverse) * mask
+        rz_next = (r * z).sum(1)
+        self.direction[active] = z + (rz_next / rz.clamp_min(_TINY)).unsqueeze(1) * d
+        self.residual[active], self.rz[active] = r, rz_next
+        self.iterations[active] += 1
+        self.active = active[rz_next > self.tolerance * self.error[active]]
+
+    def result(self) -> Refit:
+        """The refit so far; rows still active have reached the iteration cap."""
+        converged = torch.ones_like(self.iterations, dtype=torch.bool)
+        converged[self.active] = False
+        return Refit(weight=self.x, error=self.error.clamp_min(0), iterations=self.iterations, converged=converged)
 
 
 def row_output_errors(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:

@@ -138,6 +138,29 @@ def test_best_of_takes_each_rows_lower_refit_and_its_mask():
     assert errors.argmin(0).tolist() == [0] * 6 + [1] * 6  # each candidate wins where it must
 
 
+def test_best_of_picks_what_refitting_every_candidate_would_and_stops_the_losers_early():
+    """Solving the candidates side by side and stopping rows that are sure to lose changes nothing but the
+    work: each row gets the mask and (within float rounding) the weights of the full refits' winner."""
+    x = correlated_inputs(32, seed=9)
+    g = x.T @ x / x.shape[0]
+    gen = torch.Generator().manual_seed(10)
+    w = torch.randn(60, 32, generator=gen)
+    keeps = [nm_mask(w.abs() * torch.diagonal(g).sqrt(), 2, 4), nm_mask(torch.rand(60, 32, generator=gen), 2, 4)]
+    system = DampedGram.from_gram(g, 0.01)
+    full = [refit_kept(w, system, keep) for keep in keeps]
+    errors = torch.stack([fit.error for fit in full])
+    clear = (errors[0] - errors[1]).abs() > 4 * TOLERANCE * errors.min(0).values  # not a tie within tolerance
+    new, mask, fits = refit_best_of(w, system, keeps)
+    winner = errors.argmin(0)
+    assert 0 < int(winner.sum()) < 60 and int(clear.sum()) > 50  # both candidates win some rows, few ties
+    for row in clear.nonzero().squeeze(1).tolist():
+        assert torch.equal(mask[row], keeps[int(winner[row])][row])
+        torch.testing.assert_close(new[row], full[int(winner[row])].weight[row], rtol=1e-4, atol=1e-5)
+    raced = sum(int(fit.iterations.sum()) for fit in fits)
+    assert raced < 0.9 * sum(int(fit.iterations.sum()) for fit in full)  # losing rows stopped early
+    assert all(bool(fit.converged.all()) for fit in fits)
+
+
 def test_best_of_needs_a_candidate():
     with pytest.raises(ValueError, match="candidate"):
         refit_best_of(torch.ones(2, 4), DampedGram.from_gram(torch.eye(4), 0.01), [])
