@@ -73,13 +73,9 @@ def prune_by_score(dense, scores, stats, perm, pattern: NMPattern, damp, info, t
 def prune_gram(dense, scores, stats, perm, pattern: NMPattern, damp, info, timed) -> Pruned:
     """The scores' mask improved on the exact output error over the calibration inputs; weights unchanged."""
     gram = stats.gram()[perm][:, perm]
-    pruned, masks = {}, {}
-    for (name, w), member_scores in zip(dense.items(), _member_rows(scores, dense)):
-        wp = w[:, perm]
-        with timed("gram_mask"):
-            masks[name] = gram_mask(wp, gram, nm_mask(member_scores[:, perm], pattern.n, pattern.m), pattern.n, pattern.m)
-        pruned[name] = wp.masked_fill(~masks[name], 0)
-    return pruned, masks
+    with timed("gram_mask"):
+        masks = _gram_masks(dense, scores, gram, perm, pattern)
+    return {name: w[:, perm].masked_fill(~masks[name], 0) for name, w in dense.items()}, masks
 
 
 def prune_sparsegpt(dense, scores, stats, perm, pattern: NMPattern, damp, info, timed) -> Pruned:
@@ -98,14 +94,13 @@ def prune_lsq(dense, scores, stats, perm, pattern: NMPattern, damp, info, timed)
     refitted on both and the better kept. SparseGPT's candidate starts from its own update."""
     n, m = pattern.n, pattern.m
     hessian, gram = stats.hessian(), stats.gram()[perm][:, perm]
+    with timed("gram_mask"):
+        chosen = _gram_masks(dense, scores, gram, perm, pattern)
     candidates = {}
-    for (name, w), member_scores in zip(dense.items(), _member_rows(scores, dense)):
-        wp = w[:, perm]
+    for name, w in dense.items():
         with timed("sparsegpt"):
             updated, sparsegpt_mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=damp)
-        with timed("gram_mask"):
-            chosen = gram_mask(wp, gram, nm_mask(member_scores[:, perm], n, m), n, m)
-        candidates[name] = (wp, updated.float(), sparsegpt_mask, chosen)
+        candidates[name] = (w[:, perm], updated.float(), sparsegpt_mask, chosen[name])
     with timed("gram_inverse"):
         parts = list(zip(*candidates.values()))
         refit_damp = max(damp, evidence_damp(parts[0], parts[1], parts[2], gram, stats.num_tokens))
@@ -131,6 +126,15 @@ METRICS: dict[str, Metric] = {
     "sparsegpt": Metric("wanda", feature_norms, prune_sparsegpt, needs_gram=True),
     "lsq": Metric("wanda", obs_weights, prune_lsq, needs_gram=True, tokens_per_input=FEW_TOKENS_PER_INPUT),
 }
+
+
+def _gram_masks(dense, scores, gram, perm, pattern: NMPattern) -> dict[str, torch.Tensor]:
+    """Each member's Gram-chosen mask (permuted order), started from its scores' mask. The members share the
+    input and so the Gram matrix: their rows are improved in one call, which shares its per-group work."""
+    stacked = torch.cat([w[:, perm] for w in dense.values()])
+    start = nm_mask(scores[:, perm], pattern.n, pattern.m)
+    keep = gram_mask(stacked, gram, start, pattern.n, pattern.m)
+    return dict(zip(dense, torch.split(keep, [w.shape[0] for w in dense.values()])))
 
 
 def _member_rows(scores: torch.Tensor, dense: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
