@@ -165,3 +165,15 @@ def test_train_small_lm_writes_a_model_that_loads_and_predicts_its_text(tmp_path
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
     assert model.config.model_type == family and model.config.vocab_size == len(tokenizer)
+
+
+def test_gram_mask_sweeps_traces_every_budget_on_a_tiny_model(tmp_path):
+    save_tiny_dense(tmp_path / "tiny", family="llama")
+    out = run_script("gram_mask_sweeps.py", "--model", str(tmp_path / "tiny"), "--layers", "1", "--num-samples", "2",
+                     "--seq-len", "32", "--sweeps", "3")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert {row["group"] for row in rows} >= {"mlp.down_proj"}
+    for row in rows:
+        assert [step["k"] for step in row["sweeps"]] == [1, 2, 3]
+        first = row["sweeps"][0]
+        assert first["visited"] == row["rows"] and first["cal"] <= row["wanda"]["cal"]  # never worse than its start
