@@ -63,55 +63,46 @@ def obs_weights(stats: InputStatistics, damp: float) -> torch.Tensor:
 
 def prune_by_score(dense, scores, stats, perm, pattern: NMPattern, damp, info, timed) -> Pruned:
     """Keep the top-N scores of every M permuted columns; the kept weights are unchanged."""
-    pruned, masks = {}, {}
-    for (name, w), member_scores in zip(dense.items(), _member_rows(scores, dense)):
-        masks[name] = nm_mask(member_scores[:, perm], pattern.n, pattern.m)
-        pruned[name] = w[:, perm].masked_fill(~masks[name], 0)
-    return pruned, masks
+    keep = nm_mask(scores[:, perm], pattern.n, pattern.m)
+    return _per_member(torch.cat(list(dense.values()))[:, perm].masked_fill(~keep, 0), dense), _per_member(keep, dense)
 
 
 def prune_gram(dense, scores, stats, perm, pattern: NMPattern, damp, info, timed) -> Pruned:
     """The scores' mask improved on the exact output error over the calibration inputs; weights unchanged."""
-    gram = stats.gram()[perm][:, perm]
+    permuted = torch.cat(list(dense.values()))[:, perm]
     with timed("gram_mask"):
-        masks = _gram_masks(dense, scores, gram, perm, pattern)
-    return {name: w[:, perm].masked_fill(~masks[name], 0) for name, w in dense.items()}, masks
+        keep = gram_mask(permuted, stats.gram()[perm][:, perm], nm_mask(scores[:, perm], pattern.n, pattern.m),
+                         pattern.n, pattern.m)
+    return _per_member(permuted.masked_fill(~keep, 0), dense), _per_member(keep, dense)
 
 
 def prune_sparsegpt(dense, scores, stats, perm, pattern: NMPattern, damp, info, timed) -> Pruned:
     """SparseGPT: masks chosen from the Hessian while the kept weights are updated to compensate."""
-    hessian = stats.hessian()
-    pruned, masks = {}, {}
-    for name, w in dense.items():
-        with timed("sparsegpt"):
-            pruned[name], masks[name] = sparsegpt_prune(w, hessian, pattern.n, pattern.m, perm=perm, damp=damp)
-    return pruned, masks
+    with timed("sparsegpt"):
+        pruned, keep = sparsegpt_prune(torch.cat(list(dense.values())), stats.hessian(), pattern.n, pattern.m,
+                                       perm=perm, damp=damp)
+    return _per_member(pruned, dense), _per_member(keep, dense)
 
 
 def prune_lsq(dense, scores, stats, perm, pattern: NMPattern, damp, info, timed) -> Pruned:
-    """Per member two candidate masks, SparseGPT's (with its update) and the Gram-chosen one; the refit's
+    """Per row two candidate masks, SparseGPT's (with its update) and the Gram-chosen one; the refit's
     dampening estimated from SparseGPT's updates of the whole group (`evidence_damp`); then every row
     refitted on both and the better kept. SparseGPT's candidate starts from its own update."""
     n, m = pattern.n, pattern.m
-    hessian, gram = stats.hessian(), stats.gram()[perm][:, perm]
+    stacked = torch.cat(list(dense.values()))
+    permuted, gram = stacked[:, perm], stats.gram()[perm][:, perm]
     with timed("gram_mask"):
-        chosen = _gram_masks(dense, scores, gram, perm, pattern)
-    candidates = {}
-    for name, w in dense.items():
-        with timed("sparsegpt"):
-            updated, sparsegpt_mask = sparsegpt_prune(w, hessian, n, m, perm=perm, damp=damp)
-        candidates[name] = (w[:, perm], updated.float(), sparsegpt_mask, chosen[name])
+        chosen = gram_mask(permuted, gram, nm_mask(scores[:, perm], n, m), n, m)
+    with timed("sparsegpt"):
+        updated, sparsegpt_mask = sparsegpt_prune(stacked, stats.hessian(), n, m, perm=perm, damp=damp)
     with timed("gram_inverse"):
-        parts = list(zip(*candidates.values()))
-        refit_damp = max(damp, evidence_damp(parts[0], parts[1], parts[2], gram, stats.num_tokens))
+        refit_damp = max(damp, evidence_damp([permuted], [updated], [sparsegpt_mask], gram, stats.num_tokens))
         system = DampedGram.from_gram(gram, refit_damp)
-    pruned, masks = {}, {}
-    for name, (wp, updated, sparsegpt_mask, chosen) in candidates.items():
-        with timed("refit"):
-            pruned[name], masks[name], fits = refit_best_of(wp, system, [sparsegpt_mask, chosen], starts=[updated, None])
-        _record_refit(info, name, fits)
+    with timed("refit"):
+        weights, keep, fits = refit_best_of(permuted, system, [sparsegpt_mask, chosen], starts=[updated, None])
+    _record_refit(info, dense, fits)
     info["damp"] = refit_damp
-    return pruned, masks
+    return _per_member(weights, dense), _per_member(keep, dense)
 
 
 # The permutation is chosen for the mask the metric keeps, so on the metric's own score where it has one.
@@ -128,22 +119,18 @@ METRICS: dict[str, Metric] = {
 }
 
 
-def _gram_masks(dense, scores, gram, perm, pattern: NMPattern) -> dict[str, torch.Tensor]:
-    """Each member's Gram-chosen mask (permuted order), started from its scores' mask. The members share the
-    input and so the Gram matrix: their rows are improved in one call, which shares its per-group work."""
-    stacked = torch.cat([w[:, perm] for w in dense.values()])
-    start = nm_mask(scores[:, perm], pattern.n, pattern.m)
-    keep = gram_mask(stacked, gram, start, pattern.n, pattern.m)
-    return dict(zip(dense, torch.split(keep, [w.shape[0] for w in dense.values()])))
+def _per_member(rows: torch.Tensor, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A tensor over the group's stacked rows split back into one block per member. The members share the
+    input, so each metric prunes their stacked rows in one call (one factorisation, one column sweep)."""
+    return dict(zip(dense, torch.split(rows, [w.shape[0] for w in dense.values()])))
 
 
-def _member_rows(scores: torch.Tensor, dense: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """The group's concatenated scores split back into one block of rows per member."""
-    return torch.split(scores, [w.shape[0] for w in dense.values()])
-
-
-def _record_refit(info: dict, name: str, fits) -> None:
+def _record_refit(info: dict, dense: dict[str, torch.Tensor], fits) -> None:
     """Per linear and candidate mask: the refit's iterations (largest, mean) and rows stopped at the cap."""
-    info.setdefault("refit", {})[name] = [
-        {"iterations_max": int(fit.iterations.max()), "iterations_mean": round(float(fit.iterations.float().mean()), 2),
-         "unconverged_rows": int((~fit.converged).sum())} for fit in fits]
+    start = 0
+    for name, w in dense.items():
+        rows, start = slice(start, start + w.shape[0]), start + w.shape[0]
+        info.setdefault("refit", {})[name] = [
+            {"iterations_max": int(fit.iterations[rows].max()),
+             "iterations_mean": round(float(fit.iterations[rows].float().mean()), 2),
+             "unconverged_rows": int((~fit.converged[rows]).sum())} for fit in fits]
