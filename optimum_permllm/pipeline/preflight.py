@@ -86,3 +86,14 @@ def warn_few_tokens(linears: dict[str, nn.Linear], plan: PruningPlan, tokens: in
             "fewer than %d tokens per input the refit fits the calibration text more than the layer and gains little "
             "on other text. Calibrate on at least %d tokens (num_samples x seq_len) for its full accuracy.",
             plan.metric, widest * plan.pattern.n // plan.pattern.m, widest, tokens, per_input, per_input * widest)
+
+
+def warn_layer_scope_learning(plan: PruningPlan) -> None:
+    """Say that the `layer` scope's learned permutation has measured worse on held-out text than the heuristic
+    it starts from (it lowers each group's calibration error only), and what to use instead."""
+    if plan.learns and not plan.joint:
+        logger.warning(
+            "permutation='learned' with scope='layer' lowers each layer group's error on the calibration text, but "
+            "in the measurements so far it was worse on held-out text than permutation='heuristic', its starting "
+            "point, at several times its pruning time (BENCHMARKS.md). scope='model' (PermLLM's joint training) "
+            "measured better than the heuristic with metric='wanda'; permutation='heuristic' is the fast choice.")
