@@ -76,7 +76,7 @@ def gram_mask(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, n: i
     for _ in range(sweeps):
         if moving.numel() == 0:
             break
-        rows_current, moved = _sweep(w[moving], g, blocks, dropped, quadratic[moving], current[moving].clone())
+        rows_current, moved = _sweep(w[moving], g, blocks, dropped, quadratic[moving], current[moving])
         current[moving] = rows_current
         moving = moving[moved]
     return options[current].reshape(w.shape)

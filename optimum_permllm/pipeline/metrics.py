@@ -64,12 +64,12 @@ def obs_weights(stats: InputStatistics, damp: float) -> torch.Tensor:
 def prune_by_score(dense, scores, stats, perm, pattern: NMPattern, damp, info, timed) -> Pruned:
     """Keep the top-N scores of every M permuted columns; the kept weights are unchanged."""
     keep = nm_mask(scores[:, perm], pattern.n, pattern.m)
-    return _per_member(torch.cat(list(dense.values()))[:, perm].masked_fill(~keep, 0), dense), _per_member(keep, dense)
+    return _per_member(_stacked(dense)[:, perm].masked_fill(~keep, 0), dense), _per_member(keep, dense)
 
 
 def prune_gram(dense, scores, stats, perm, pattern: NMPattern, damp, info, timed) -> Pruned:
     """The scores' mask improved on the exact output error over the calibration inputs; weights unchanged."""
-    permuted = torch.cat(list(dense.values()))[:, perm]
+    permuted = _stacked(dense)[:, perm]
     with timed("gram_mask"):
         keep = gram_mask(permuted, stats.gram()[perm][:, perm], nm_mask(scores[:, perm], pattern.n, pattern.m),
                          pattern.n, pattern.m)
@@ -79,7 +79,7 @@ def prune_gram(dense, scores, stats, perm, pattern: NMPattern, damp, info, timed
 def prune_sparsegpt(dense, scores, stats, perm, pattern: NMPattern, damp, info, timed) -> Pruned:
     """SparseGPT: masks chosen from the Hessian while the kept weights are updated to compensate."""
     with timed("sparsegpt"):
-        pruned, keep = sparsegpt_prune(torch.cat(list(dense.values())), stats.hessian(), pattern.n, pattern.m,
+        pruned, keep = sparsegpt_prune(_stacked(dense), stats.hessian(), pattern.n, pattern.m,
                                        perm=perm, damp=damp)
     return _per_member(pruned, dense), _per_member(keep, dense)
 
@@ -89,7 +89,7 @@ def prune_lsq(dense, scores, stats, perm, pattern: NMPattern, damp, info, timed)
     dampening estimated from SparseGPT's updates of the whole group (`evidence_damp`); then every row
     refitted on both and the better kept. SparseGPT's candidate starts from its own update."""
     n, m = pattern.n, pattern.m
-    stacked = torch.cat(list(dense.values()))
+    stacked = _stacked(dense)
     permuted, gram = stacked[:, perm], stats.gram()[perm][:, perm]
     with timed("gram_mask"):
         chosen = gram_mask(permuted, gram, nm_mask(scores[:, perm], n, m), n, m)
@@ -119,18 +119,22 @@ METRICS: dict[str, Metric] = {
 }
 
 
+def _stacked(dense: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The group's weights stacked along the rows. The members share the input, so each metric prunes their
+    stacked rows in one call (one factorisation, one column sweep); `_per_member` splits the result back."""
+    return torch.cat(list(dense.values()))
+
+
 def _per_member(rows: torch.Tensor, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A tensor over the group's stacked rows split back into one block per member. The members share the
-    input, so each metric prunes their stacked rows in one call (one factorisation, one column sweep)."""
+    """A tensor over the group's stacked rows split back into one block per member."""
     return dict(zip(dense, torch.split(rows, [w.shape[0] for w in dense.values()])))
 
 
 def _record_refit(info: dict, dense: dict[str, torch.Tensor], fits) -> None:
     """Per linear and candidate mask: the refit's iterations (largest, mean) and rows stopped at the cap."""
-    start = 0
-    for name, w in dense.items():
-        rows, start = slice(start, start + w.shape[0]), start + w.shape[0]
+    per_fit = [(_per_member(fit.iterations, dense), _per_member(fit.converged, dense)) for fit in fits]
+    for name in dense:
         info.setdefault("refit", {})[name] = [
-            {"iterations_max": int(fit.iterations[rows].max()),
-             "iterations_mean": round(float(fit.iterations[rows].float().mean()), 2),
-             "unconverged_rows": int((~fit.converged[rows]).sum())} for fit in fits]
+            {"iterations_max": int(iterations[name].max()),
+             "iterations_mean": round(float(iterations[name].float().mean()), 2),
+             "unconverged_rows": int((~converged[name]).sum())} for iterations, converged in per_fit]
