@@ -107,8 +107,8 @@ def main():
                 perm = heuristic_permutation(torch.cat(ws).abs() * obs, 2, 4)
                 gp, ghp = g[perm][:, perm], gh[perm][:, perm]
                 pruned = [sparsegpt_prune(w[:, perm], 2 * gp, 2, 4, damp=0.01) for w in ws]
-                evidence = evidence_damp([w[:, perm] for w in ws], [p[0] for p in pruned], [p[1] for p in pruned],
-                                         gp, tokens)
+                stacked_updates, stacked_keeps = (torch.cat(parts) for parts in zip(*pruned))
+                evidence = evidence_damp(torch.cat(ws)[:, perm], stacked_updates, stacked_keeps, gp, tokens)
                 for name, w, (_, keep) in zip(names, ws, pruned):
                     wp = w[:, perm]
                     errors = {d: relative_error(wp, exact_refit(wp, damped_gram(gp, d), keep), ghp) for d in GRID}

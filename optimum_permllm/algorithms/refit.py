@@ -29,29 +29,26 @@ FEW_TOKENS_PER_INPUT = 4
 
 
 @torch.no_grad()
-def evidence_damp(weights: list[torch.Tensor], updated: list[torch.Tensor], keeps: list[torch.Tensor],
-                  gram: torch.Tensor, tokens: int) -> float:
+def evidence_damp(weights: torch.Tensor, updated: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor,
+                  tokens: int) -> float:
     """The refit's dampening, estimated from the data as a ridge regression's best penalty.
 
     The refit is a ridge regression of each row's output on its kept inputs, whose penalty
     damp * mean(diag G) * ||w'_K - w_K||^2 assumes that the compensation w'_K - w_K is drawn with variance
     tau^2 while the output keeps a residual of variance sigma^2 per token; the penalty that predicts other
     text best is then sigma^2 / (tokens * tau^2). Both are read off a first solution of the same problem
-    (SparseGPT's update of the same masks: `updated`): sigma^2 its output error per row, tau^2 the mean
+    (SparseGPT's update of the same mask: `updated`): sigma^2 its output error per row, tau^2 the mean
     square of its changes to the kept weights. Few tokens for many inputs raise the penalty, as does a
-    residual that a large compensation cannot explain. All tensors share `gram`'s column order."""
+    residual that a large compensation cannot explain. The rows of every linear that reads the input come
+    stacked; all tensors share `gram`'s column order."""
     g = gram.float()
-    residual = changes = kept = 0.0
-    for w, new, keep in zip(weights, updated, keeps):
-        delta = w.float() - new.float()
-        residual += float(row_output_errors(delta, g).sum())
-        changes += float(delta[keep].square().sum())
-        kept += float(keep.sum())
-    rows = sum(w.shape[0] for w in weights)
+    delta = weights.float() - updated.float()
+    residual = float(row_output_errors(delta, g).sum())
+    changes, kept = float(delta[keep].square().sum()), float(keep.sum())
     mean_diagonal = float(torch.diagonal(g).mean())
     if changes <= 0 or mean_diagonal <= 0 or tokens <= 0:
         return 0.0
-    sigma2, tau2 = residual / rows, changes / kept
+    sigma2, tau2 = residual / weights.shape[0], changes / kept
     return sigma2 / (tokens * tau2 * mean_diagonal)
 
 

@@ -96,7 +96,7 @@ def prune_lsq(dense, scores, stats, perm, pattern: NMPattern, damp, info, timed)
     with timed("sparsegpt"):
         updated, sparsegpt_mask = sparsegpt_prune(stacked, stats.hessian(), n, m, perm=perm, damp=damp)
     with timed("gram_inverse"):
-        refit_damp = max(damp, evidence_damp([permuted], [updated], [sparsegpt_mask], gram, stats.num_tokens))
+        refit_damp = max(damp, evidence_damp(permuted, updated, sparsegpt_mask, gram, stats.num_tokens))
         system = DampedGram.from_gram(gram, refit_damp)
     with timed("refit"):
         weights, keep, fits = refit_best_of(permuted, system, [sparsegpt_mask, chosen], starts=[updated, None])

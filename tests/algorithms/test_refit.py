@@ -200,8 +200,8 @@ def test_evidence_damp_hand_computed():
     delta = w - new
     sigma2 = float((2 * delta.square().sum(1)).mean())
     tau2 = float(delta[keep].square().sum()) / 4
-    assert evidence_damp([w], [new], [keep], gram, tokens=10) == pytest.approx(sigma2 / (10 * tau2 * 2.0))
-    assert evidence_damp([w], [w], [keep], gram, tokens=10) == 0.0  # no change at all: nothing to estimate
+    assert evidence_damp(w, new, keep, gram, tokens=10) == pytest.approx(sigma2 / (10 * tau2 * 2.0))
+    assert evidence_damp(w, w, keep, gram, tokens=10) == 0.0  # no change at all: nothing to estimate
 
 
 def test_evidence_damp_falls_as_the_tokens_grow():
@@ -209,8 +209,8 @@ def test_evidence_damp_falls_as_the_tokens_grow():
     w = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
     new, keep = sparsegpt_prune(w, 2 * x.T @ x / x.shape[0], 2, 4, block_size=8)
     g = x.T @ x / x.shape[0]
-    assert evidence_damp([w], [new], [keep], g, tokens=1000) == pytest.approx(
-        4 * evidence_damp([w], [new], [keep], g, tokens=4000))
+    assert evidence_damp(w, new, keep, g, tokens=1000) == pytest.approx(
+        4 * evidence_damp(w, new, keep, g, tokens=4000))
 
 
 def test_with_few_tokens_per_input_the_evidence_damp_predicts_new_inputs_better_than_the_default():
@@ -222,7 +222,7 @@ def test_with_few_tokens_per_input_the_evidence_damp_predicts_new_inputs_better_
     w = torch.randn(32, width, generator=gen)
     g, g_fresh = calibration.T @ calibration / 72, fresh.T @ fresh / 4096
     updated, keep = sparsegpt_prune(w, 2 * g, 2, 4, block_size=16)
-    damp = evidence_damp([w], [updated], [keep], g, tokens=72)
+    damp = evidence_damp(w, updated, keep, g, tokens=72)
     assert damp > 0.01
     errors = {d: float(update_error(w, refit_kept(w, DampedGram.from_gram(g, d), keep, tolerance=1e-8).weight,
                                     g_fresh).sum()) for d in (0.01, damp)}
