@@ -26,7 +26,7 @@ from .offload import check_offload, execution_device, on_device, on_device_toget
 from .permutations import PERMUTATIONS
 from .plan import PruningPlan
 from .planning import GroupPlan, plan_group
-from .preflight import check_finite_inputs, warn_few_tokens, warn_layer_scope_learning
+from .preflight import check_finite_inputs, warn_few_tokens, warn_unhelpful_learning
 from .statistics import collect_statistics, split_groups
 from .structure import attention_heads, find_decoder_layers, layer_linears, set_submodule
 
@@ -54,7 +54,7 @@ def sparsify_layerwise(model: nn.Module, samples: torch.Tensor | None, plan: Pru
     device = torch.device(device) if device is not None else model_device
     _check_samples(samples, model, plan)
     learned = plan.learned_layers(len(layers))
-    warn_layer_scope_learning(plan)
+    warn_unhelpful_learning(plan)
     if samples is not None:
         warn_few_tokens(layer_linears(layers[0], plan.modules_to_not_convert), plan, samples.numel())
     heads = attention_heads(getattr(model, "config", None))

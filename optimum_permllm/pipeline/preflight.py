@@ -88,12 +88,20 @@ def warn_few_tokens(linears: dict[str, nn.Linear], plan: PruningPlan, tokens: in
             plan.metric, widest * plan.pattern.n // plan.pattern.m, widest, tokens, per_input, per_input * widest)
 
 
-def warn_layer_scope_learning(plan: PruningPlan) -> None:
-    """Say that the `layer` scope's learned permutation has measured worse on held-out text than the heuristic
-    it starts from (it lowers each group's calibration error only), and what to use instead."""
+def warn_unhelpful_learning(plan: PruningPlan) -> None:
+    """Say when the learned permutation has measured worse on held-out text than the heuristic it starts from,
+    and what to use instead: the `layer` scope with any metric (it lowers each group's calibration error only),
+    and the `model` scope with `lsq` (it trains the score masks, which `lsq`'s refit then replaces)."""
     if plan.learns and not plan.joint:
         logger.warning(
             "permutation='learned' with scope='layer' lowers each layer group's error on the calibration text, but "
             "in the measurements so far it was worse on held-out text than permutation='heuristic', its starting "
             "point, at several times its pruning time (BENCHMARKS.md). scope='model' (PermLLM's joint training) "
             "measured better than the heuristic with metric='wanda'; permutation='heuristic' is the fast choice.")
+    elif plan.learns and plan.metric == "lsq":
+        logger.warning(
+            "permutation='learned' with scope='model' trains the permutations on the score masks, which "
+            "metric='lsq' then replaces by its own masks and refitted weights; in the measurements so far it was "
+            "worse on held-out text than permutation='heuristic' with lsq on every calibration seed, at about twice "
+            "its pruning time (BENCHMARKS.md, \"Joint training\"). Use permutation='heuristic' with lsq; the joint "
+            "training measured better than the heuristic with metric='wanda'.")

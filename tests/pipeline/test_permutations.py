@@ -13,7 +13,7 @@ from optimum_permllm.pipeline.metrics import METRICS, Metric, feature_norms, pru
 from optimum_permllm.pipeline.permutations import PERMUTATIONS, Permutation, heuristic
 from optimum_permllm.pipeline.plan import PruningPlan
 from optimum_permllm.pipeline.planning import plan_group
-from optimum_permllm.pipeline.preflight import warn_few_tokens, warn_layer_scope_learning
+from optimum_permllm.pipeline.preflight import warn_few_tokens, warn_unhelpful_learning
 from optimum_permllm.sparse import NMPattern, identity_permutation
 from optimum_permllm.sparse.permutation import head_shared_blocks
 
@@ -109,12 +109,17 @@ def test_few_calibration_tokens_warn_for_a_metric_whose_entry_asks_for_more(monk
     assert messages[1].startswith("refit-8 refits") and "at least 512 tokens" in messages[1]
 
 
-def test_the_layer_scopes_learned_permutation_warns_and_the_others_do_not(caplog):
-    """Only permutation='learned' with scope='layer' measured worse than its heuristic start on held-out text."""
+def test_learning_warns_where_it_measured_worse_than_its_heuristic_start_and_nowhere_else(caplog):
+    """permutation='learned' measured worse on held-out text than its heuristic start with scope='layer' (any
+    metric) and with scope='model' under lsq; the joint training with the other metrics, and no learning, do not warn."""
     with caplog.at_level(logging.WARNING, logger="optimum_permllm.pipeline.preflight"):
         for config in (PermLLMConfig(), PermLLMConfig(permutation="learned", scope="model"),
-                       PermLLMConfig(permutation="none")):
-            warn_layer_scope_learning(config.to_plan())
+                       PermLLMConfig(metric="gram", permutation="learned", scope="model"),
+                       PermLLMConfig(metric="lsq"), PermLLMConfig(permutation="none")):
+            warn_unhelpful_learning(config.to_plan())
         assert caplog.records == []
-        warn_layer_scope_learning(PermLLMConfig(permutation="learned").to_plan())  # the layer scope is the default
-    assert len(caplog.records) == 1 and "scope='layer'" in caplog.records[0].getMessage()
+        warn_unhelpful_learning(PermLLMConfig(permutation="learned").to_plan())  # the layer scope is the default
+        warn_unhelpful_learning(PermLLMConfig(metric="lsq", permutation="learned", scope="model").to_plan())
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2
+    assert "scope='layer'" in messages[0] and "scope='model'" in messages[1] and "metric='lsq'" in messages[1]
