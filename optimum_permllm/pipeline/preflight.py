@@ -102,6 +102,7 @@ def warn_unhelpful_learning(plan: PruningPlan) -> None:
         logger.warning(
             "permutation='learned' with scope='model' trains the permutations on the score masks, which "
             "metric='lsq' then replaces by its own masks and refitted weights; in the measurements so far it was "
-            "worse on held-out text than permutation='heuristic' with lsq on every calibration seed, at about twice "
-            "its pruning time (BENCHMARKS.md, \"Joint training\"). Use permutation='heuristic' with lsq; the joint "
-            "training measured better than the heuristic with metric='wanda'.")
+            "no better on held-out text than permutation='heuristic' with lsq (worse on every calibration seed on "
+            "one model, level on the other), at two to three times its pruning time (BENCHMARKS.md, \"Joint "
+            "training\"). Use permutation='heuristic' with lsq; the joint training measured better than the "
+            "heuristic with metric='wanda'.")
