@@ -92,13 +92,15 @@ def warn_unhelpful_learning(plan: PruningPlan) -> None:
     """Say when the learned permutation has measured worse on held-out text than the heuristic it starts from,
     and what to use instead: the `layer` scope with any metric (it lowers each group's calibration error only),
     and the `model` scope with `lsq` (it trains the score masks, which `lsq`'s refit then replaces)."""
-    if plan.learns and not plan.joint:
+    if not plan.learns:
+        return
+    if not plan.joint:
         logger.warning(
             "permutation='learned' with scope='layer' lowers each layer group's error on the calibration text, but "
             "in the measurements so far it was worse on held-out text than permutation='heuristic', its starting "
             "point, at several times its pruning time (BENCHMARKS.md). scope='model' (PermLLM's joint training) "
             "measured better than the heuristic with metric='wanda'; permutation='heuristic' is the fast choice.")
-    elif plan.learns and plan.metric == "lsq":
+    elif plan.metric == "lsq":
         logger.warning(
             "permutation='learned' with scope='model' trains the permutations on the score masks, which "
             "metric='lsq' then replaces by its own masks and refitted weights; in the measurements so far it was "
