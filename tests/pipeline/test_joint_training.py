@@ -35,7 +35,7 @@ def _plan(**learning):
     """The `model` scope with small blocks (the tiny widths are 64 and 128) and the given learning settings. Tests
     of what is shipped need the learning to move off the heuristic start in a few steps, which it does on these
     tiny models with the plain cosine (standardise=False), so they pass it."""
-    plan = PermLLMConfig(permutation="learned", scope="model", block_size=32,
+    plan = PermLLMConfig(permutation="learned", scope="model", block_size=32, sparsity=learning.pop("sparsity", "2:4"),
                          steps=learning.pop("steps", 4), learned_layers=learning.pop("learned_layers", None)).to_plan()
     return replace(plan, learning=replace(plan.learning, **learning))
 
@@ -148,11 +148,12 @@ def test_joint_loss_falls_below_the_heuristic_start_where_the_heuristic_is_blind
     assert info["start_loss"] == pytest.approx(start, rel=1e-5)
 
 
-def test_shipped_model_keeps_nm_bijections_and_its_dense_masked_reference():
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
+def test_shipped_model_keeps_nm_bijections_and_its_dense_masked_reference(n, m):
     model = tiny_model("llama", layers=2)
     reference = copy.deepcopy(model)
     heuristic = copy.deepcopy(model)
-    plan = replace(_plan(steps=10, micro_batch=3, standardise=False), fold_permutations=False)
+    plan = replace(_plan(steps=10, micro_batch=3, standardise=False, sparsity=f"{n}:{m}"), fold_permutations=False)
     info = _prune(model, plan)
     _prune(heuristic, replace(plan.heuristic(), fold_permutations=False))
     assert info["best_step"] > 0  # learned permutations were shipped, not the heuristic fallback
@@ -162,8 +163,8 @@ def test_shipped_model_keeps_nm_bijections_and_its_dense_masked_reference():
     with torch.no_grad():
         for name, module in sparse.items():
             check_permutation(module.input_perm, module.in_features)
-            assert check_nm(module.permuted_dense_weight(), 2, 4)
-            assert bool((module.permuted_mask().view(module.out_features, -1, 4).sum(-1) == 2).all())
+            assert check_nm(module.permuted_dense_weight(), n, m)
+            assert bool((module.permuted_mask().view(module.out_features, -1, m).sum(-1) == n).all())
             differs |= not torch.equal(module.input_perm, heuristic.get_submodule(name).input_perm)
             # Wanda keeps weights as they are: un-permuted, the weight is the dense one with zeros in place
             pruned = module.to_linear().weight
