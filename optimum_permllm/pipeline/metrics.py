@@ -45,6 +45,11 @@ class Metric:
     calibrated: bool = True
     tokens_per_input: int = 0
 
+    @property
+    def ships_score_mask(self) -> bool:
+        """Whether the shipped mask is the score's top-N mask, the one the joint training's forward pass uses."""
+        return self.prune is prune_by_score
+
 
 def no_input_weights(stats: InputStatistics | None, damp: float) -> None:
     """|W| alone: no factor per input, so no calibration statistics."""

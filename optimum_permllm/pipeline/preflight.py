@@ -91,7 +91,8 @@ def warn_few_tokens(linears: dict[str, nn.Linear], plan: PruningPlan, tokens: in
 def warn_unhelpful_learning(plan: PruningPlan) -> None:
     """Say when the learned permutation has measured worse on held-out text than the heuristic it starts from,
     and what to use instead: the `layer` scope with any metric (it lowers each group's calibration error only),
-    and the `model` scope with `lsq` (it trains the score masks, which `lsq`'s refit then replaces)."""
+    and the `model` scope with a metric that ships masks other than the score masks it trains (`gram`, `lsq`,
+    `sparsegpt`)."""
     if not plan.learns:
         return
     if not plan.joint:
@@ -100,11 +101,11 @@ def warn_unhelpful_learning(plan: PruningPlan) -> None:
             "in the measurements so far it was worse on held-out text than permutation='heuristic', its starting "
             "point, at several times its pruning time (BENCHMARKS.md). scope='model' (PermLLM's joint training) "
             "measured better than the heuristic with metric='wanda'; permutation='heuristic' is the fast choice.")
-    elif plan.metric == "lsq":
+    elif not METRICS[plan.metric].ships_score_mask:
         logger.warning(
             "permutation='learned' with scope='model' trains the permutations on the score masks, which "
-            "metric='lsq' then replaces by its own masks and refitted weights; in the measurements so far it was "
-            "no better on held-out text than permutation='heuristic' with lsq (worse on every calibration seed on "
-            "one model, level on the other), at two to three times its pruning time (BENCHMARKS.md, \"Joint "
-            "training\"). Use permutation='heuristic' with lsq; the joint training measured better than the "
-            "heuristic with metric='wanda'.")
+            "metric=%r then replaces by masks of its own choosing; with metric='gram' and metric='lsq' it was no "
+            "better on held-out text than permutation='heuristic' with the same metric, on both models measured, "
+            "at two to three times the pruning time (BENCHMARKS.md, \"Joint training\"). Use "
+            "permutation='heuristic' with %s; the joint training measured better than the heuristic with "
+            "metric='wanda'.", plan.metric, plan.metric)

@@ -111,15 +111,19 @@ def test_few_calibration_tokens_warn_for_a_metric_whose_entry_asks_for_more(monk
 
 def test_learning_warns_where_it_measured_worse_than_its_heuristic_start_and_nowhere_else(caplog):
     """permutation='learned' measured worse on held-out text than its heuristic start with scope='layer' (any
-    metric) and with scope='model' under lsq; the joint training with the other metrics, and no learning, do not warn."""
+    metric) and with scope='model' under a metric that replaces the trained score masks (gram, lsq; sparsegpt
+    likewise); the joint training with the score metrics, and no learning, do not warn."""
     with caplog.at_level(logging.WARNING, logger="optimum_permllm.pipeline.preflight"):
         for config in (PermLLMConfig(), PermLLMConfig(permutation="learned", scope="model"),
-                       PermLLMConfig(metric="gram", permutation="learned", scope="model"),
+                       PermLLMConfig(metric="ria", permutation="learned", scope="model"),
                        PermLLMConfig(metric="lsq"), PermLLMConfig(permutation="none")):
             warn_unhelpful_learning(config.to_plan())
         assert caplog.records == []
         warn_unhelpful_learning(PermLLMConfig(permutation="learned").to_plan())  # the layer scope is the default
-        warn_unhelpful_learning(PermLLMConfig(metric="lsq", permutation="learned", scope="model").to_plan())
+        for metric in ("gram", "lsq", "sparsegpt"):
+            warn_unhelpful_learning(PermLLMConfig(metric=metric, permutation="learned", scope="model").to_plan())
     messages = [record.getMessage() for record in caplog.records]
-    assert len(messages) == 2
-    assert "scope='layer'" in messages[0] and "scope='model'" in messages[1] and "metric='lsq'" in messages[1]
+    assert len(messages) == 4
+    assert "scope='layer'" in messages[0]
+    for message, metric in zip(messages[1:], ("gram", "lsq", "sparsegpt")):
+        assert "scope='model'" in message and f"metric='{metric}'" in message and f"heuristic' with {metric}" in message
