@@ -32,11 +32,13 @@ def _ids(batch=8, length=16, seed=0):
 
 
 def _plan(**learning):
-    """The `model` scope with small blocks (the tiny widths are 64 and 128) and the given learning settings. Tests
+    """The `model` scope with small blocks (the tiny widths are 64 and 128), the given sparsity, steps and learned
+    layers (config fields), and the given learning settings. Tests
     of what is shipped need the learning to move off the heuristic start in a few steps, which it does on these
     tiny models with the plain cosine (standardise=False), so they pass it."""
-    plan = PermLLMConfig(permutation="learned", scope="model", block_size=32, sparsity=learning.pop("sparsity", "2:4"),
-                         steps=learning.pop("steps", 4), learned_layers=learning.pop("learned_layers", None)).to_plan()
+    plan = PermLLMConfig(permutation="learned", scope="model", block_size=32,
+                         sparsity=learning.pop("sparsity", "2:4"), steps=learning.pop("steps", 4),
+                         learned_layers=learning.pop("learned_layers", None)).to_plan()
     return replace(plan, learning=replace(plan.learning, **learning))
 
 
