@@ -177,3 +177,18 @@ def test_gram_mask_sweeps_traces_every_budget_on_a_tiny_model(tmp_path):
         assert [step["k"] for step in row["sweeps"]] == [1, 2, 3]
         first = row["sweeps"][0]
         assert first["visited"] == row["rows"] and first["cal"] <= row["wanda"]["cal"]  # never worse than its start
+
+
+def test_joint_candidates_ceiling_scores_every_candidate_and_its_start_is_the_heuristic(tmp_path):
+    save_tiny_dense(tmp_path / "tiny", family="llama")
+    out = run_script("joint_candidates_ceiling.py", "--method", "gram+learned-model", "--steps", "3", "--learned-layers",
+                     "1", "--model", str(tmp_path / "tiny"), "--num-samples", "8", "--seq-len", "16", "--eval-windows", "2")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    reference, candidates = rows[0], rows[1:]
+    assert reference["method"] == "gram+cp" and reference["candidate_step"] is None
+    assert sorted(row["candidate_step"] for row in candidates) == [0, 1, 2, 3]
+    shipped = [row for row in candidates if row["shipped"]]
+    assert len(shipped) == 1 and shipped[0]["candidate_heldout_loss"] == min(r["candidate_heldout_loss"] for r in candidates)
+    # one learned layer: the start, pruned with its permutations fixed, is the model of `gram` + heuristic
+    start = next(row for row in candidates if row["candidate_step"] == 0)
+    assert (start["perplexity"], start["kl_to_dense"]) == (reference["perplexity"], reference["kl_to_dense"])
