@@ -106,6 +106,6 @@ def warn_unhelpful_learning(plan: PruningPlan) -> None:
             "permutation='learned' with scope='model' trains the permutations on the score masks, which "
             "metric=%r then replaces by masks of its own choosing; with metric='gram' and metric='lsq' it was no "
             "better on held-out text than permutation='heuristic' with the same metric, on both models measured, "
-            "at two to three times the pruning time (BENCHMARKS.md, \"Joint training\"). Use "
+            "at two to four times the pruning time (BENCHMARKS.md, \"Joint training\"). Use "
             "permutation='heuristic' with %s; the joint training measured better than the heuristic with "
             "metric='wanda'.", plan.metric, plan.metric)
