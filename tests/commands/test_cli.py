@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -351,9 +352,9 @@ def test_an_output_under_a_file_is_refused_before_any_work(dense_dir, command, u
 def test_an_output_in_a_read_only_folder_is_refused_before_any_work(dense_dir, tmp_path, capsys, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    if os.access(locked, os.W_OK):
-        locked.chmod(0o700)
-        pytest.skip("this user may write in a read-only folder (root)")
+    if os.access(locked, os.W_OK):  # root writes anywhere: answer for the folder as the OS does for other users
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
     _no_work(monkeypatch)
     try:
         assert cli.main(["prune", str(dense_dir), "--output", str(locked / "out")]) == 1
